@@ -1,0 +1,1 @@
+"""Downstream tool providers behind one `Connector` protocol; never imports `broker`."""
