@@ -3,7 +3,7 @@
 The tree::
 
     BrokerError                     base of everything below; never raised itself
-    ├── ConfigError                 broker.toml / BROKER_* / scope files are wrong (operator's fault)
+    ├── ConfigError                 broker.toml, BROKER_* or scope files are wrong (operator)
     ├── StoreError                  the store failed
     │   ├── StoreUnavailable        cannot read or write now (fail closed: calls are refused)
     │   └── NotFound                the row asked for does not exist (caller's fault)

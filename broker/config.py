@@ -1,0 +1,303 @@
+"""Configuration: `broker.toml` loaded once into a frozen, validated model; the only reader.
+
+`load_config(path, environ)` reads the TOML file, applies ``BROKER_*`` overrides from the
+environ it is given (``BROKER_SERVER__PORT=9000`` sets ``[server] port``; a double underscore
+separates levels; the value is read as a TOML literal when it parses as one, else as a string),
+resolves relative paths against the config file's folder, and validates. Any unknown key or bad
+value raises `ConfigError` naming the key, the value and what was expected.
+
+Secrets are never written inline: a connector's credentials are references, ``env:NAME`` or
+``file:PATH``, resolved by `resolve_secret` only when a connector starts. A plain literal is
+accepted for non-secret environment variables, but a header or variable whose name looks like a
+credential (authorization, cookie, token, secret, password, key) must be a reference.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from broker.errors import ConfigError
+
+__all__ = [
+    "BrokerConfig",
+    "ConnectorConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TokenConfig",
+    "load_config",
+    "resolve_secret",
+]
+
+ENV_PREFIX = "BROKER_"
+CONNECTOR_ID_RE = r"^[a-z][a-z0-9-]{0,31}$"
+_SECRETISH = re.compile(r"(authorization|cookie|token|secret|passw|api[-_]?key|private)", re.I)
+_REF_RE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Model):
+    """``[server]``: where the broker listens and how it names itself."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+    public_url: str = ""
+    """Base URL agents use (issuer). Empty: ``http://{host}:{port}``. No trailing slash."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Extra Host header values accepted (DNS-rebinding protection); loopback is always allowed."""
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
+            raise ValueError("expected an http(s) URL such as https://broker.example.com")
+        return v.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def resource_url(self) -> str:
+        """The MCP resource (token audience, RFC 8707/9728)."""
+        return f"{self.base_url}/mcp"
+
+
+class StoreConfig(_Model):
+    """``[store]``: SQLite file by default, PostgreSQL by URL."""
+
+    url: str = "sqlite+aiosqlite:///broker.db"
+    pool_size: Annotated[int, Field(ge=1, le=200)] = 5
+    max_overflow: Annotated[int, Field(ge=0, le=200)] = 10
+    revocation_staleness: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Seconds: a replica whose revocation view is older than this refuses calls."""
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        if not (v.startswith("sqlite+aiosqlite://") or v.startswith("postgresql+asyncpg://")):
+            raise ValueError(
+                "expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST:PORT/DB"
+            )
+        return v
+
+
+class TokenConfig(_Model):
+    """``[tokens]``: capability-token lifetimes and signing keys."""
+
+    keys_dir: Path = Path("keys")
+    default_ttl: Annotated[int, Field(ge=10, le=86400)] = 600
+    """Seconds, when a token request names no ``expires_in``."""
+    max_ttl: Annotated[int, Field(ge=10, le=86400)] = 3600
+    """Seconds; the cap over every agent's own maximum."""
+    leeway: Annotated[int, Field(ge=0, le=120)] = 30
+    max_delegation_depth: Annotated[int, Field(ge=0, le=10)] = 3
+
+    @model_validator(mode="after")
+    def _ttl_order(self) -> TokenConfig:
+        if self.default_ttl > self.max_ttl:
+            raise ValueError(f"default_ttl ({self.default_ttl}) must not exceed max_ttl")
+        return self
+
+
+class ConnectorConfig(_Model):
+    """``[[connectors]]``: one downstream tool source."""
+
+    id: Annotated[str, Field(pattern=CONNECTOR_ID_RE)]
+    kind: Literal["stdio", "http", "native"]
+    prefix: str | None = None
+    """Tool-name prefix: tools appear as ``{prefix}__{tool}``; None means the id; "" means none."""
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = Field(default_factory=dict[str, str])
+    env_allowlist: tuple[str, ...] = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+    cwd: Path | None = None
+    url: str | None = None
+    headers: Mapping[str, str] = Field(default_factory=dict[str, str])
+    target: str | None = None
+    """native: ``package.module:attribute`` naming a connectors.ToolSet."""
+    roots: tuple[str, ...] = ()
+    call_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_call_timeout: Annotated[float, Field(gt=0, le=86400)] = 300.0
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, v: str | None) -> str | None:
+        if v not in (None, "") and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("expected letters, digits, '_', '.', '-' (at most 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ConnectorConfig:
+        need = {"stdio": "command", "http": "url", "native": "target"}[self.kind]
+        if getattr(self, need) is None:
+            raise ValueError(f"a {self.kind} connector needs '{need}'")
+        if self.call_timeout > self.max_call_timeout:
+            raise ValueError("call_timeout must not exceed max_call_timeout")
+        for where, values in (("env", self.env), ("headers", self.headers)):
+            for name, value in values.items():
+                if _SECRETISH.search(name) and not _REF_RE.match(value):
+                    raise ValueError(
+                        f"{where}.{name} looks like a credential: write it as a reference, "
+                        "'env:NAME' or 'file:PATH', never inline"
+                    )
+        return self
+
+    @property
+    def tool_prefix(self) -> str:
+        return self.id if self.prefix is None else self.prefix
+
+
+class BrokerConfig(_Model):
+    """The whole configuration. Built only by `load_config` (or directly in tests)."""
+
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    tokens: TokenConfig = TokenConfig()
+    scope_files: tuple[Path, ...] = ()
+    connectors: tuple[ConnectorConfig, ...] = ()
+    base_dir: Path = Path(".")
+    """The config file's folder; relative paths were resolved against it. Not read from TOML."""
+
+    @model_validator(mode="after")
+    def _unique_connectors(self) -> BrokerConfig:
+        seen: set[str] = set()
+        for c in self.connectors:
+            if c.id in seen:
+                raise ValueError(f"connector id '{c.id}' appears twice")
+            seen.add(c.id)
+        return self
+
+
+def load_config(path: Path | None, environ: Mapping[str, str]) -> BrokerConfig:
+    """Read ``path`` (or defaults when None), apply ``BROKER_*`` overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a key is unknown or its value invalid.
+    """
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist (run `broker init`)") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        base_dir = path.resolve().parent
+    if "base_dir" in data:
+        raise ConfigError("'base_dir' is not a configuration key (it is the config file's folder)")
+    _apply_env_overrides(data, environ)
+    data["base_dir"] = base_dir
+    try:
+        config = BrokerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    return _resolve_paths(config)
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "BROKER_CONFIG":
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        if not all(keys):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: '{k}' is not a table")
+            node = child  # pyright: ignore[reportUnknownVariableType]
+        node[keys[-1]] = _parse_env_value(raw)
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path}: " if path else ""
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}unknown key '{loc}'")
+            continue
+        value = err.get("input")
+        last = str(err["loc"][-1]) if err["loc"] else ""
+        scalar = isinstance(value, str | int | float | bool)
+        shown = f" (got {value!r})" if scalar and not _SECRETISH.search(last) else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}{loc}: {msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _resolve_paths(config: BrokerConfig) -> BrokerConfig:
+    base = config.base_dir
+    store_url = config.store.url
+    prefix = "sqlite+aiosqlite:///"
+    if store_url.startswith(prefix):
+        file_part = store_url[len(prefix) :]
+        if file_part and file_part != ":memory:" and not file_part.startswith("/"):
+            store_url = prefix + str(base / file_part)
+    tokens = config.tokens
+    keys_dir = tokens.keys_dir if tokens.keys_dir.is_absolute() else base / tokens.keys_dir
+    scope_files = tuple(p if p.is_absolute() else base / p for p in config.scope_files)
+    connectors = tuple(
+        c.model_copy(update={"cwd": base / c.cwd}) if c.cwd and not c.cwd.is_absolute() else c
+        for c in config.connectors
+    )
+    return config.model_copy(
+        update={
+            "store": config.store.model_copy(update={"url": store_url}),
+            "tokens": tokens.model_copy(update={"keys_dir": keys_dir}),
+            "scope_files": scope_files,
+            "connectors": connectors,
+        }
+    )
+
+
+def resolve_secret(ref: str, environ: Mapping[str, str], base_dir: Path) -> str:
+    """Resolve ``env:NAME`` / ``file:PATH`` to the secret; a plain value is returned as is.
+
+    Raises:
+        ConfigError: the variable is unset or the file cannot be read (names which, not the value).
+    """
+    if ref.startswith("env:"):
+        name = ref[4:]
+        if name not in environ:
+            raise ConfigError(f"secret reference {ref}: environment variable {name} is not set")
+        return environ[name]
+    if ref.startswith("file:"):
+        p = Path(ref[5:])
+        p = p if p.is_absolute() else base_dir / p
+        try:
+            return p.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"secret reference {ref}: cannot read {p}: {exc.strerror}") from None
+    return ref
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """``BROKER_CONFIG`` or ``./broker.toml``."""
+    return Path(environ.get("BROKER_CONFIG", "broker.toml"))
