@@ -1,0 +1,109 @@
+"""`broker init` and `broker serve`: create a broker's files, and run it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.cli._common import ConfigOption, console, fail, load, open_store, run
+from broker.core.identity import AdminRole
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("serve")(serve)
+
+
+def _time_command() -> str:
+    """The absolute path of mcp-server-time beside this Python, so no PATH is needed."""
+    sibling = Path(sys.executable).parent / "mcp-server-time"
+    if sibling.exists():
+        return str(sibling)
+    found = shutil.which("mcp-server-time")
+    return found or "mcp-server-time"
+
+
+def init(
+    config: ConfigOption = Path("broker.toml"),
+    examples: Annotated[
+        bool, typer.Option("--examples", help="Add the example connectors and scopes.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Write a commented broker.toml, a signing key and the store; print a first admin token."""
+    from broker.templates import CONFIG_TEMPLATE, EXAMPLE_CONNECTORS, EXAMPLE_SCOPES
+
+    if config.exists() and not force:
+        fail(f"{config} already exists (use --force to overwrite it)")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    scope_files = ""
+    connectors = ""
+    if examples:
+        scopes_path = config.parent / "scopes.toml"
+        if not scopes_path.exists() or force:
+            scopes_path.write_text(EXAMPLE_SCOPES, encoding="utf-8")
+        scope_files = '"scopes.toml"'
+        connectors = EXAMPLE_CONNECTORS.format(time_command=_time_command())
+    config.write_text(
+        CONFIG_TEMPLATE.format(scope_files=scope_files, connectors=connectors), encoding="utf-8"
+    )
+    cfg = load(config)
+
+    async def body() -> str:
+        from broker.admin_tokens import create_admin_token
+        from broker.keys import ensure_signing_key
+
+        now = datetime.now(UTC)
+        async with open_store(cfg, migrate=True) as store:
+            kid = await ensure_signing_key(store, cfg.tokens.keys_dir, now)
+            _, raw = await create_admin_token(store, role=AdminRole.ADMIN, name="initial", now=now)
+        console.print(f"wrote {config} and the store; signing key {kid} in {cfg.tokens.keys_dir}")
+        return raw
+
+    raw = run(body)
+    console.print("first admin token (shown once, store it now):")
+    console.print(f"  {raw}", markup=False)
+
+
+def serve(
+    config: ConfigOption = Path("broker.toml"),
+    host: Annotated[str | None, typer.Option(help="Override [server] host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override [server] port.")] = None,
+) -> None:
+    """Run the broker (HTTP: /mcp, /oauth/token, /.well-known/*, /healthz)."""
+    import uvicorn
+
+    from broker.app import create_app
+    from broker.logs import configure_logging
+
+    cfg = load(config)
+    if host is not None or port is not None:
+        server = cfg.server.model_copy(
+            update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+        )
+        cfg = cfg.model_copy(update={"server": server})
+    configure_logging(os.environ.get("BROKER_LOG_LEVEL", "INFO"))
+    app = create_app(cfg)
+    base = cfg.server.base_url
+    console.print(f"mcp-authz-broker serving on http://{cfg.server.host}:{cfg.server.port}")
+    console.print(f"  MCP endpoint:   {cfg.server.resource_url}")
+    console.print(f"  token endpoint: {base}/oauth/token")
+    console.print("connect an agent:")
+    console.print(
+        f"  .venv/bin/broker agents add my-agent --scopes time:read,demo:use --config {config}"
+    )
+    console.print(
+        "  BROKER_CLIENT_ID=<id> BROKER_CLIENT_SECRET=<secret> "
+        f"BROKER_URL={base} .venv/bin/python examples/agents/quickstart.py"
+    )
+    uvicorn.run(
+        app, host=cfg.server.host, port=cfg.server.port, log_level="warning", access_log=False
+    )
