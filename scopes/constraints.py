@@ -194,7 +194,13 @@ def check_arguments(
     violations: list[Violation] = []
     resolver = None if realpath is None else _Resolver(realpath)
     for constraint in constraints.items:
-        _walk_object(constraint, copied, 0, constraint.head, "", violations, resolver)
+        head = constraint.head
+        if len(constraint.steps) > 1:
+            _walk_object(constraint, copied, 0, head, "", violations, resolver)
+        elif head in copied:
+            copied[head] = _check_leaf(constraint, copied[head], head, violations, resolver)
+        else:
+            violations.append(Violation(head, "path", "expected the argument to be present"))
     return CheckResult(not violations, tuple(violations), copied)
 
 
@@ -271,6 +277,13 @@ class _Resolver:
         return self._cache[path]
 
 
+def _within_any(canonical: str, roots: tuple[str, ...]) -> bool:
+    for root in roots:
+        if path_within(canonical, root):
+            return True
+    return False
+
+
 def _check_leaf(
     constraint: Constraint,
     value: JSONValue,
@@ -290,7 +303,7 @@ def _check_leaf(
             violations.append(Violation(where, "within", str(exc)))
             return value
         for roots in constraint.roots:
-            if not any(path_within(canonical, root) for root in roots):
+            if not _within_any(canonical, roots):
                 violations.append(
                     Violation(where, "within", "expected a path within the allowed roots")
                 )

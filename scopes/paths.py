@@ -32,6 +32,10 @@ _LOOKALIKES = frozenset(
     "\u0589\u1362\ufe52\uff0e\uff0f\uff3c\ufe68\uff61"
 )
 _ASCII_SAFE = re.compile(r"[\x20-\x7e]*")
+# Already canonical and plain: printable ASCII without '%' or '\\', no empty, '.' or '..'
+# component, no trailing '/'. At most 255 characters, so no length limit can be hit.
+_PLAIN = re.compile(r"/|(?:/(?!\.\.?(?:/|\Z))[\x20-\x24\x26-\x2e\x30-\x5b\x5d-\x7e]+)+")
+_PLAIN_MAX = 255
 
 
 def canonical_path(path: str) -> str:
@@ -41,6 +45,12 @@ def canonical_path(path: str) -> str:
         CanonicalisationError: the path is not absolute, contains a refused character or
             sequence, climbs above `/`, or is too long. The message never repeats the path.
     """
+    if len(path) <= _PLAIN_MAX and _PLAIN.fullmatch(path) is not None:
+        return path
+    return _canonical_path_slow(path)
+
+
+def _canonical_path_slow(path: str) -> str:
     if not path.startswith("/"):
         raise CanonicalisationError("expected an absolute path starting with '/'")
     if "\\" in path:

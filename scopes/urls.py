@@ -53,6 +53,16 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _PATH_ENCODE = frozenset(' "<>`{}^')
 _QUERY_ENCODE = frozenset(" \"<>'")
 _FRAGMENT_ENCODE = frozenset(' "<>`')
+# Already canonical and plain (the common case): lowercase scheme and LDH host whose last label
+# starts with a letter, no port, path without '%' or dot segments, safe query and fragment.
+_PLAIN = re.compile(
+    r"(https?|wss?)://"
+    r"((?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z](?:[a-z0-9_-]{0,61}[a-z0-9_])?)"
+    r"((?:/(?!\.\.?(?:[/?#]|\Z))[!$&-.0-;=@-\[\]_a-z|~]*)+)"
+    r"(?:\?[!$-&(-;=?-\[\]-~]*)?"
+    r"(?:#[!#-;=?-\[\]-_a-z{-~]*)?"
+)
+_PLAIN_MAX_HOST = 253
 _DOUBLE_DOT = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
 _SINGLE_DOT = frozenset({".", "%2e"})
 
@@ -90,6 +100,14 @@ def parse_url(url: str) -> ParsedUrl:
     Raises:
         CanonicalisationError: the URL is outside the accepted subset.
     """
+    plain = _PLAIN.fullmatch(url)
+    if plain is not None and len(plain.group(2)) <= _PLAIN_MAX_HOST and "xn--" not in url:
+        scheme, host, path = plain.group(1, 2, 3)
+        return ParsedUrl(url, scheme, host, None, None, path)
+    return _parse_url_slow(url)
+
+
+def _parse_url_slow(url: str) -> ParsedUrl:
     if not url:
         raise CanonicalisationError("expected a non-empty URL")
     if len(url) > _MAX_URL:
