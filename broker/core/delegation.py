@@ -19,8 +19,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from broker.core.identity import Agent
-from broker.core.tokens import TokenClaims
+from broker.core.tokens import ActorClaim, DelegationClaim, TaskClaim, TokenClaims
 
 __all__ = ["DelegationRefused", "derive_child_claims"]
 
@@ -66,4 +68,121 @@ def derive_child_claims(
             chain), ``invalid_grant`` (parent expired, or ``parent_agent`` does not match it),
             ``access_denied`` (child or parent agent not active, depth exceeded).
     """
-    raise NotImplementedError
+    if parent_agent.id != parent.client_id:
+        raise DelegationRefused("invalid_grant", "the parent token was not issued to that agent")
+    if not parent_agent.is_active:
+        raise DelegationRefused("invalid_grant", "the parent token's agent is not active")
+    if not child_agent.is_active:
+        raise DelegationRefused("access_denied", f"agent {child_agent.id} is not active")
+    if child_agent.id in parent.agents_in_chain:
+        raise DelegationRefused(
+            "invalid_request", f"agent {child_agent.id} is already in the delegation chain"
+        )
+    depth = parent.depth + 1
+    limit = min(max_depth, parent_agent.max_delegation_depth)
+    if depth > limit:
+        raise DelegationRefused("access_denied", f"delegation depth {depth} exceeds {limit}")
+    t = int(now.timestamp())
+    if parent.exp <= t:
+        raise DelegationRefused("invalid_grant", "the parent token has expired")
+    return _build(
+        parent,
+        child_agent=child_agent,
+        scopes=_child_scopes(parent, child_agent, requested_scopes),
+        details=_child_details(parent, extra_details),
+        exp=_child_exp(parent, child_agent, requested_ttl, t),
+        budget=_child_budget(parent, budget),
+        iat=t,
+        jti=jti,
+        purpose=parent.task.purpose if purpose is None else purpose,
+    )
+
+
+def _child_scopes(
+    parent: TokenClaims, child: Agent, requested: Sequence[str] | None
+) -> tuple[str, ...]:
+    allowed = set(child.allowed_scopes)
+    if requested is None:
+        scopes = tuple(s for s in parent.scopes if s in allowed)
+        if not scopes:
+            raise DelegationRefused(
+                "invalid_scope", f"agent {child.id} may hold none of the parent token's scopes"
+            )
+        return scopes
+    if not requested:
+        raise DelegationRefused("invalid_scope", "no scope requested")
+    held = set(parent.scopes)
+    for name in requested:
+        if name not in held:
+            raise DelegationRefused("invalid_scope", f"scope {name!r} is not held by the parent")
+        if name not in allowed:
+            raise DelegationRefused(
+                "invalid_scope", f"agent {child.id} may not request scope {name!r}"
+            )
+    return tuple(dict.fromkeys(requested))
+
+
+def _child_details(
+    parent: TokenClaims, extra: Sequence[Mapping[str, Any]] | None
+) -> tuple[dict[str, Any], ...] | None:
+    inherited = parent.authorization_details or ()
+    if not extra:
+        return parent.authorization_details
+    return (*inherited, *(dict(d) for d in extra))
+
+
+def _child_exp(parent: TokenClaims, child: Agent, requested_ttl: int | None, t: int) -> int:
+    if requested_ttl is not None and requested_ttl < 1:
+        raise DelegationRefused("invalid_request", "expires_in must be a positive number")
+    ttl = child.max_ttl_seconds if requested_ttl is None else requested_ttl
+    return min(parent.exp, t + min(ttl, child.max_ttl_seconds))
+
+
+def _child_budget(parent: TokenClaims, budget: int | None) -> int | None:
+    if budget is None:
+        return parent.budget
+    if budget < 1:
+        raise DelegationRefused("invalid_request", "budget must be at least 1")
+    if parent.budget is not None and budget > parent.budget:
+        raise DelegationRefused(
+            "invalid_request", f"budget {budget} exceeds the parent's {parent.budget}"
+        )
+    return budget
+
+
+def _build(
+    parent: TokenClaims,
+    *,
+    child_agent: Agent,
+    scopes: tuple[str, ...],
+    details: tuple[dict[str, Any], ...] | None,
+    exp: int,
+    budget: int | None,
+    iat: int,
+    jti: str,
+    purpose: str,
+) -> TokenClaims:
+    try:
+        return TokenClaims(
+            iss=parent.iss,
+            aud=parent.aud,
+            sub=parent.sub,
+            client_id=child_agent.id,
+            exp=exp,
+            iat=iat,
+            nbf=iat,
+            jti=jti,
+            scope=" ".join(scopes),
+            task=TaskClaim(id=parent.task.id, purpose=purpose),
+            authorization_details=details,
+            budget=budget,
+            act=ActorClaim(sub=child_agent.id, act=parent.act),
+            delegation=DelegationClaim(
+                parent=parent.jti, chain=(*parent.ancestor_jtis, parent.jti), depth=parent.depth + 1
+            ),
+        )
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors(include_url=False)[0]["loc"]) or "claims"
+        raise DelegationRefused(
+            "invalid_request", f"the child token would be invalid: {where}"
+        ) from None

@@ -10,7 +10,7 @@ children without touching the store for each child.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
@@ -88,23 +88,68 @@ class RevocationView:
     revoked_tasks: frozenset[str] = frozenset()
     agent_cutoffs: Mapping[str, datetime] = field(default_factory=_empty_cutoffs)
     agent_statuses: Mapping[str, AgentStatus] = field(default_factory=_empty_statuses)
+    status_changed_at: Mapping[str, datetime] = field(default_factory=_empty_cutoffs)
     as_of: datetime | None = None
     seq: int = 0
     statuses_as_of: datetime | None = None
 
-    def with_revocations(self, revocations: Iterable[Revocation]) -> RevocationView:
-        """This view plus ``revocations`` (any order; applying one twice changes nothing)."""
-        raise NotImplementedError
-
-    def with_statuses(
-        self, statuses: Iterable[tuple[str, AgentStatus, datetime]]
+    def with_revocations(
+        self, revocations: Iterable[Revocation], *, advance: bool = True
     ) -> RevocationView:
+        """This view plus ``revocations`` (any order; applying one twice changes nothing).
+
+        ``advance=False`` leaves ``seq`` alone: for a revocation made in this process, which may
+        be newer than others this view has not fetched yet.
+        """
+        jtis: set[str] = set()
+        tasks: set[str] = set()
+        cutoffs: dict[str, datetime] = {}
+        seq = self.seq
+        for r in revocations:
+            if advance:
+                seq = max(seq, r.seq)
+            if r.kind is RevocationKind.TOKEN:
+                jtis.add(r.subject)
+            elif r.kind is RevocationKind.TASK:
+                tasks.add(r.subject)
+            else:
+                old = cutoffs.get(r.subject) or self.agent_cutoffs.get(r.subject)
+                cutoffs[r.subject] = r.at if old is None else max(old, r.at)
+        return replace(
+            self,
+            revoked_jtis=self.revoked_jtis | jtis if jtis else self.revoked_jtis,
+            revoked_tasks=self.revoked_tasks | tasks if tasks else self.revoked_tasks,
+            agent_cutoffs=(
+                MappingProxyType({**self.agent_cutoffs, **cutoffs})
+                if cutoffs
+                else self.agent_cutoffs
+            ),
+            seq=seq,
+        )
+
+    def with_statuses(self, changes: Iterable[tuple[str, AgentStatus, datetime]]) -> RevocationView:
         """This view with agent statuses updated; a later change wins over an earlier one."""
-        raise NotImplementedError
+        statuses = dict(self.agent_statuses)
+        changed = dict(self.status_changed_at)
+        latest = self.statuses_as_of
+        for agent_id, status, at in changes:
+            seen = changed.get(agent_id)
+            if seen is None or at >= seen:
+                statuses[agent_id] = status
+                changed[agent_id] = at
+            latest = at if latest is None else max(latest, at)
+        return replace(
+            self,
+            agent_statuses=MappingProxyType(statuses),
+            status_changed_at=MappingProxyType(changed),
+            statuses_as_of=latest,
+        )
 
     def confirmed(self, as_of: datetime) -> RevocationView:
         """This view, confirmed fresh as of ``as_of`` (never moves ``as_of`` backwards)."""
-        raise NotImplementedError
+        if self.as_of is not None and as_of <= self.as_of:
+            return self
+        return replace(self, as_of=as_of)
 
 
 def check_token(
@@ -117,4 +162,21 @@ def check_token(
     ``token-revoked`` when the token, an ancestor or its task is revoked, or any agent in the
     chain has an agent-wide revocation at or after the token's ``iat``.
     """
-    raise NotImplementedError
+    if view.as_of is None or (now - view.as_of).total_seconds() > staleness:
+        return Reason.STORE_UNAVAILABLE
+    agents = claims.agents_in_chain
+    statuses = [view.agent_statuses.get(a, AgentStatus.ACTIVE) for a in agents]
+    if AgentStatus.QUARANTINED in statuses:
+        return Reason.AGENT_QUARANTINED
+    if AgentStatus.DISABLED in statuses:
+        return Reason.AGENT_DISABLED
+    if claims.jti in view.revoked_jtis or claims.task.id in view.revoked_tasks:
+        return Reason.TOKEN_REVOKED
+    if any(j in view.revoked_jtis for j in claims.ancestor_jtis):
+        return Reason.TOKEN_REVOKED
+    issued = claims.issued_at
+    for agent_id in agents:
+        cutoff = view.agent_cutoffs.get(agent_id)
+        if cutoff is not None and cutoff >= issued:
+            return Reason.TOKEN_REVOKED
+    return None
