@@ -26,8 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from broker.errors import ConfigError
 
 __all__ = [
+    "ApprovalConfig",
     "BrokerConfig",
     "ConnectorConfig",
+    "LimitsConfig",
+    "OutputConfig",
     "ServerConfig",
     "StoreConfig",
     "TokenConfig",
@@ -112,6 +115,37 @@ class TokenConfig(_Model):
         return self
 
 
+class LimitsConfig(_Model):
+    """``[limits]``: per-agent and per-connector rate and concurrency limits (0 = no limit)."""
+
+    agent_calls_per_minute: Annotated[float, Field(ge=0)] = 600.0
+    agent_burst: Annotated[int, Field(ge=1)] = 60
+    agent_max_concurrent: Annotated[int, Field(ge=0)] = 16
+    connector_calls_per_minute: Annotated[float, Field(ge=0)] = 0.0
+    connector_burst: Annotated[int, Field(ge=1)] = 100
+    connector_max_concurrent: Annotated[int, Field(ge=0)] = 64
+
+
+class OutputConfig(_Model):
+    """``[output]``: what the broker does to tool results before an agent sees them."""
+
+    max_result_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    """Kept well under the 1 MB an SDK client accepts in one event (mcp-sdk-notes pitfall 19)."""
+    oversize: Literal["truncate", "refuse"] = "truncate"
+    redact_secrets: bool = True
+
+
+class ApprovalConfig(_Model):
+    """``[approvals]``: human approval waits."""
+
+    call_timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    """Seconds a call of an ``approval = "call"`` scope is held waiting for an approver."""
+    token_request_ttl: Annotated[int, Field(gt=0, le=86400)] = 600
+    """Seconds an ``authorization_pending`` token request stays answerable."""
+    poll_interval: Annotated[int, Field(ge=1, le=60)] = 2
+    """Seconds an agent is told to wait between polls (OAuth ``interval``)."""
+
+
 class ConnectorConfig(_Model):
     """``[[connectors]]``: one downstream tool source."""
 
@@ -166,6 +200,9 @@ class BrokerConfig(_Model):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
     tokens: TokenConfig = TokenConfig()
+    limits: LimitsConfig = LimitsConfig()
+    output: OutputConfig = OutputConfig()
+    approvals: ApprovalConfig = ApprovalConfig()
     scope_files: tuple[Path, ...] = ()
     connectors: tuple[ConnectorConfig, ...] = ()
     base_dir: Path = Path(".")
