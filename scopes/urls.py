@@ -7,7 +7,8 @@ newlines anywhere, Unicode format characters, a missing or extra `/` after `sche
 port (`host:`), port 0, `%` in the host, and non-ASCII hosts: the stdlib codec is IDNA2003, which
 maps some names (`ß`, `ς`, ZWJ) differently from the UTS-46 processing browsers and HTTP clients
 use, so a Unicode host could be checked as one name and fetched as another. Hosts must come in
-A-label form (`xn--...`), and each such label must round-trip through punycode.
+A-label form (`xn--...`); each such label must round-trip through punycode to an NFC, lowercase
+name without control, format, separator or `.`/`/` characters.
 
 Kept from WHATWG: scheme and host are lowercased; one trailing dot of the host is dropped; a host
 ending in a number is an IPv4 address in any WHATWG encoding (`0x7f000001`, `2130706433`,
@@ -62,7 +63,6 @@ _PLAIN = re.compile(
     r"(?:\?[!$-&(-;=?-\[\]-~]*)?"
     r"(?:#[!#-;=?-\[\]-_a-z{-~]*)?"
 )
-_PLAIN_MAX_HOST = 253
 _DOUBLE_DOT = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
 _SINGLE_DOT = frozenset({".", "%2e"})
 
@@ -101,7 +101,12 @@ def parse_url(url: str) -> ParsedUrl:
         CanonicalisationError: the URL is outside the accepted subset.
     """
     plain = _PLAIN.fullmatch(url)
-    if plain is not None and len(plain.group(2)) <= _PLAIN_MAX_HOST and "xn--" not in url:
+    if (
+        plain is not None
+        and len(url) <= _MAX_URL
+        and len(plain.group(2)) <= _MAX_HOST
+        and "xn--" not in url
+    ):
         scheme, host, path = plain.group(1, 2, 3)
         return ParsedUrl(url, scheme, host, None, None, path)
     return _parse_url_slow(url)
@@ -218,7 +223,14 @@ def _check_a_label(label: str) -> None:
         decoded = label[4:].encode("ascii").decode("punycode")
     except UnicodeError:
         decoded = ""
-    if not decoded or decoded.isascii() or decoded.encode("punycode").decode("ascii") != label[4:]:
+    if (
+        not decoded
+        or decoded.isascii()
+        or decoded.encode("punycode").decode("ascii") != label[4:]
+        or unicodedata.normalize("NFC", decoded) != decoded
+        or decoded.lower() != decoded
+        or any(unicodedata.category(char)[0] in "CZ" or char in "./" for char in decoded)
+    ):
         raise CanonicalisationError("expected 'xn--' host labels to be valid punycode")
 
 
