@@ -1,0 +1,721 @@
+"""Connector registry: builds connectors from configuration, aggregates, names and pins their tools.
+
+Shell module (asyncio/anyio, connectors, the store). What agents can reach is an immutable
+`Snapshot`, rebuilt only when something changes and swapped in one assignment, so the per-call
+lookup is one dict access with no per-call work.
+
+Naming: a connector's tool ``t`` is exposed as ``{prefix}__{t}`` (``prefix`` defaults to the
+connector id; ``""`` exposes ``t`` unprefixed). Prompts are named the same way. An exposed name
+outside ``[A-Za-z0-9_.-]{1,128}`` is refused (the tool stays hidden and a problem is recorded);
+two connectors with the same prefix, or producing the same exposed name, are refused when the
+registry starts (`ConfigError` naming both connectors). A collision that appears later at run
+time hides the newcomer's tool and records a problem instead of taking the broker down.
+
+Pinning (rug-pull protection): every listed tool's pinned definition is recorded with
+``store.upsert_seen_pin``. A tool is exposed only when the digest seen *now* equals the approved
+digest, and then with the *approved* definition exactly (renamed), never the downstream's copy.
+After a downstream ``list_changed`` or a restart the connector is re-listed and re-pinned; a
+definition that changed hides the tool at once (calls answer ``tool-definition-changed``).
+
+Approvals made by another process (``broker connectors approve`` on the shared store) are noticed
+by polling the pins every ``pin_poll_interval`` seconds (default 2): one ``list_pins()`` query,
+and a rebuild only when something relevant changed. The same poll retries connectors whose last
+listing failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+import anyio.abc
+import mcp.types as types
+from pydantic import ValidationError
+
+from broker.config import BrokerConfig, ConnectorConfig, resolve_secret
+from broker.core.decision import Reason
+from broker.core.pinning import PinStatus, ToolPin, definition_digest, pinned_definition
+from broker.errors import BrokerError, ConfigError
+from broker.ports import Clock, Store, StoredConnector, SystemClock
+from connectors import (
+    ChangeKind,
+    Connector,
+    ConnectorError,
+    ConnectorSpec,
+    HttpSpec,
+    NativeSpec,
+    StdioSpec,
+    open_connector,
+)
+
+__all__ = [
+    "NAME_RE",
+    "PromptRoute",
+    "Registry",
+    "ResourceRoute",
+    "Snapshot",
+    "SnapshotChange",
+    "TemplateRoute",
+    "ToolRoute",
+    "build_spec",
+    "connector_configs",
+    "exposed_name",
+]
+
+logger = logging.getLogger("broker.registry")
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+SEPARATOR = "__"
+
+
+def exposed_name(prefix: str, name: str) -> str:
+    """The name agents see: ``{prefix}__{name}``, or ``name`` when the prefix is empty."""
+    return f"{prefix}{SEPARATOR}{name}" if prefix else name
+
+
+# -- the snapshot: what agents can reach -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRoute:
+    """One exposed tool name and where it goes. ``tool`` is None when the tool is disabled."""
+
+    name: str
+    connector_id: str
+    tool_name: str
+    """The downstream name (what grants match and what the connector is called with)."""
+    connector: Connector
+    tool: types.Tool | None
+    """The approved definition under the exposed name; None when pending or changed."""
+    disabled: Reason | None
+    """``tool-unapproved`` (never approved) or ``tool-definition-changed``; None when exposed."""
+    digest: str
+    """Digest of the definition seen most recently."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRoute:
+    name: str
+    connector_id: str
+    prompt_name: str
+    connector: Connector
+    prompt: types.Prompt
+    """Under the exposed name."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRoute:
+    connector_id: str
+    connector: Connector
+    resource: types.Resource
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateRoute:
+    connector_id: str
+    connector: Connector
+    template: types.ResourceTemplate
+    pattern: re.Pattern[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything agents can reach, immutable; replaced whole on every change."""
+
+    version: int
+    tools: Mapping[str, ToolRoute]
+    """Every routable exposed name, disabled ones included (they answer with their reason)."""
+    listed: tuple[ToolRoute, ...]
+    """Enabled tools, sorted by name (what ``tools/list`` may show)."""
+    input_schemas: Mapping[str, Mapping[str, Any]]
+    prompts: Mapping[str, PromptRoute]
+    resources: Mapping[str, ResourceRoute]
+    templates: tuple[TemplateRoute, ...]
+    connectors: Mapping[str, Connector]
+    problems: tuple[str, ...] = ()
+    """Human-readable refusals (bad names, late collisions, failed listings)."""
+
+    def resource_route(self, uri: str) -> ResourceRoute | TemplateRoute | None:
+        """The connector that listed ``uri``, else the first whose template matches it."""
+        route = self.resources.get(uri)
+        if route is not None:
+            return route
+        for template in self.templates:
+            if template.pattern.fullmatch(uri):
+                return template
+        return None
+
+    def template_route(self, uri_template: str) -> TemplateRoute | None:
+        for template in self.templates:
+            if template.template.uri_template == uri_template:
+                return template
+        return None
+
+
+EMPTY = Snapshot(
+    version=0,
+    tools=MappingProxyType({}),
+    listed=(),
+    input_schemas=MappingProxyType({}),
+    prompts=MappingProxyType({}),
+    resources=MappingProxyType({}),
+    templates=(),
+    connectors=MappingProxyType({}),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChange:
+    """What changed between two snapshots, as agents would notice it."""
+
+    snapshot: Snapshot
+    tools: bool
+    prompts: bool
+    resources: bool
+
+
+ChangeCallback = Callable[[SnapshotChange], Awaitable[None]]
+
+
+# -- configuration -> specs ---------------------------------------------------------------------
+
+
+def connector_configs(
+    config: BrokerConfig, stored: Sequence[StoredConnector] = ()
+) -> list[ConnectorConfig]:
+    """``config.connectors`` then the connectors added with the CLI, validated like config.
+
+    Raises:
+        ConfigError: a stored connector is invalid, or its id is also in the config file.
+    """
+    out = list(config.connectors)
+    seen = {c.id for c in out}
+    for item in stored:
+        try:
+            parsed = ConnectorConfig.model_validate(dict(item.spec))
+        except ValidationError as exc:
+            raise ConfigError(
+                f"stored connector '{item.id}' is invalid: {exc.errors()[0]['msg']}"
+            ) from None
+        if parsed.id in seen:
+            raise ConfigError(
+                f"connector id '{parsed.id}' is both in the config file and in the store "
+                f"(remove one: `broker connectors remove {parsed.id}`)"
+            )
+        seen.add(parsed.id)
+        out.append(parsed)
+    return out
+
+
+def build_spec(c: ConnectorConfig, environ: Mapping[str, str], base_dir: Path) -> ConnectorSpec:
+    """The connector spec for ``c`` with every ``env:``/``file:`` reference resolved.
+
+    Raises:
+        ConfigError: a referenced variable is unset or a referenced file unreadable.
+    """
+    roots = tuple(str(r if Path(r).is_absolute() else base_dir / r) for r in c.roots)
+    common: dict[str, Any] = {
+        "id": c.id,
+        "call_timeout": c.call_timeout,
+        "max_call_timeout": c.max_call_timeout,
+        "roots": roots,
+    }
+    if c.kind == "stdio":
+        assert c.command is not None  # noqa: S101 - ConnectorConfig checked it
+        return StdioSpec(
+            **common,
+            command=c.command,
+            args=c.args,
+            env={k: resolve_secret(v, environ, base_dir) for k, v in c.env.items()},
+            env_allowlist=c.env_allowlist,
+            cwd=str(c.cwd) if c.cwd is not None else None,
+        )
+    if c.kind == "http":
+        assert c.url is not None  # noqa: S101 - ConnectorConfig checked it
+        return HttpSpec(
+            **common,
+            url=c.url,
+            headers={k: resolve_secret(v, environ, base_dir) for k, v in c.headers.items()},
+        )
+    assert c.target is not None  # noqa: S101 - ConnectorConfig checked it
+    return NativeSpec(**common, target=c.target)
+
+
+# -- per-connector state -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    name: str
+    definition: Mapping[str, Any]
+    digest: str
+
+
+@dataclass(slots=True)
+class _Source:
+    connector: Connector
+    prefix: str
+    tools: tuple[_Seen, ...] = ()
+    pins: dict[str, ToolPin] = field(default_factory=dict[str, ToolPin])
+    resources: tuple[types.Resource, ...] = ()
+    templates: tuple[types.ResourceTemplate, ...] = ()
+    prompts: tuple[types.Prompt, ...] = ()
+    dirty: set[ChangeKind] = field(default_factory=set[ChangeKind])
+    failure: str | None = "not listed yet"
+
+    @property
+    def id(self) -> str:
+        return self.connector.id
+
+
+class Registry:
+    """The connectors agents reach through the broker, and the snapshot of what they expose.
+
+    Use as ``async with registry:`` (starts every connector, lists and pins, then keeps the
+    snapshot current in the background) or call `start` / `aclose` yourself.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        pin_poll_interval: float = 2.0,
+    ) -> None:
+        self._store = store
+        self._clock: Clock = clock or SystemClock()
+        self._poll = pin_poll_interval
+        self._sources: dict[str, _Source] = {}
+        self._snapshot = EMPTY
+        self._listeners: list[ChangeCallback] = []
+        self._lock = anyio.Lock()
+        self._wake = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._started = False
+
+    @classmethod
+    async def from_config(
+        cls,
+        config: BrokerConfig,
+        store: Store,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+        pin_poll_interval: float = 2.0,
+        extra: Iterable[tuple[Connector, str | None]] = (),
+    ) -> Registry:
+        """A registry holding the configured and stored connectors (not started yet).
+
+        ``extra`` adds ready-made connectors (e.g. native tool sets) with their prefixes.
+
+        Raises:
+            ConfigError: a connector is invalid, a secret reference cannot be resolved, or two
+                connectors share a prefix.
+        """
+        env = os.environ if environ is None else environ
+        registry = cls(store, clock=clock, pin_poll_interval=pin_poll_interval)
+        for c in connector_configs(config, await store.list_connectors()):
+            try:
+                connector = open_connector(build_spec(c, env, config.base_dir), environ=env)
+            except ConnectorError as exc:
+                raise ConfigError(f"connector '{c.id}': {exc}") from None
+            registry.add(connector, prefix=c.tool_prefix)
+        for connector, prefix in extra:
+            registry.add(connector, prefix=prefix)
+        return registry
+
+    # -- registration ------------------------------------------------------------------------
+
+    def add(self, connector: Connector, *, prefix: str | None = None) -> None:
+        """Register ``connector`` before `start` (its tools appear once listed and approved).
+
+        Raises:
+            ConfigError: the id is taken, the prefix is malformed, or another connector has the
+                same non-empty prefix.
+        """
+        tool_prefix = connector.id if prefix is None else prefix
+        if connector.id in self._sources:
+            raise ConfigError(f"connector id '{connector.id}' is registered twice")
+        if tool_prefix and not NAME_RE.fullmatch(tool_prefix):
+            raise ConfigError(
+                f"connector '{connector.id}': prefix {tool_prefix!r} must match [A-Za-z0-9_.-]"
+            )
+        for other in self._sources.values():
+            if tool_prefix and other.prefix == tool_prefix:
+                raise ConfigError(
+                    f"connectors '{other.id}' and '{connector.id}' both use the tool prefix "
+                    f"'{tool_prefix}': give one of them another prefix"
+                )
+        self._sources[connector.id] = _Source(connector, tool_prefix)
+        connector.add_change_listener(self._listener_for(connector.id))
+
+    async def register(self, connector: Connector, *, prefix: str | None = None) -> Snapshot:
+        """Add, start, list and pin one connector while the registry runs.
+
+        Raises:
+            ConfigError: as `add`, or its names collide with another connector's (the connector
+                is closed and forgotten).
+        """
+        async with self._lock:
+            self.add(connector, prefix=prefix)
+            source = self._sources[connector.id]
+            await self._relist(source, first=True)
+            try:
+                snapshot = self._build(strict=True)
+            except ConfigError:
+                del self._sources[connector.id]
+                await connector.aclose()
+                raise
+            await self._swap(snapshot)
+        return snapshot
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Registry:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> Snapshot:
+        """Start every connector, list and pin, build the first snapshot, begin watching.
+
+        A connector that cannot start is logged and exposes nothing until a later retry.
+
+        Raises:
+            ConfigError: exposed names collide between connectors (nothing is left running).
+        """
+        async with self._lock:
+            async with anyio.create_task_group() as tg:
+                for source in self._sources.values():
+                    tg.start_soon(self._relist, source, True)
+            try:
+                snapshot = self._build(strict=True)
+            except ConfigError:
+                await self._close_all()
+                raise
+            await self._swap(snapshot)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._watch)
+        self._started = True
+        return snapshot
+
+    async def aclose(self) -> None:
+        """Stop watching and close every connector. Idempotent."""
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+        await self._close_all()
+
+    async def _close_all(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for source in self._sources.values():
+                try:
+                    await source.connector.aclose()
+                except Exception:
+                    logger.exception("connector close failed", extra={"connector": source.id})
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def input_schema(self, name: str) -> Mapping[str, Any] | None:
+        """The exposed tool's approved input schema (for the SDK's 2026 header validation)."""
+        return self._snapshot.input_schemas.get(name)
+
+    def connector(self, connector_id: str) -> Connector | None:
+        source = self._sources.get(connector_id)
+        return source.connector if source else None
+
+    def add_listener(self, callback: ChangeCallback) -> None:
+        """``callback(change)`` runs after every snapshot change agents could notice."""
+        self._listeners.append(callback)
+
+    # -- keeping current ---------------------------------------------------------------------
+
+    async def refresh(self, connector_id: str | None = None) -> Snapshot:
+        """Re-list and re-pin one connector (or all) now, and swap in the new snapshot."""
+        async with self._lock:
+            for source in self._sources.values():
+                if connector_id is None or source.id == connector_id:
+                    await self._relist(source, first=False)
+            snapshot = self._build(strict=False)
+            await self._swap(snapshot)
+        return snapshot
+
+    async def reload_pins(self) -> Snapshot:
+        """Read the pins from the store (approvals made elsewhere); swap when they matter."""
+        async with self._lock:
+            try:
+                pins = await self._store.list_pins()
+            except BrokerError:
+                logger.exception("reading tool pins failed")
+                return self._snapshot
+            changed = False
+            by_source: dict[str, dict[str, ToolPin]] = {}
+            for pin in pins:
+                by_source.setdefault(pin.connector_id, {})[pin.tool_name] = pin
+            for source in self._sources.values():
+                fresh = by_source.get(source.id, {})
+                current = {t.name: fresh[t.name] for t in source.tools if t.name in fresh}
+                if _pin_view(current) != _pin_view(source.pins):
+                    source.pins = current
+                    changed = True
+            if changed:
+                await self._swap(self._build(strict=False))
+            return self._snapshot
+
+    def _listener_for(self, connector_id: str) -> Callable[[ChangeKind], Awaitable[None]]:
+        async def on_change(kind: ChangeKind) -> None:
+            # Called from the connector's receive loop: only mark and wake, never re-list here
+            # (a request from inside the loop that must answer it would deadlock).
+            source = self._sources.get(connector_id)
+            if source is not None:
+                source.dirty.add(kind)
+                self._wake.set()
+
+        return on_change
+
+    async def _watch(self) -> None:
+        while True:
+            with anyio.move_on_after(self._poll):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                await self._catch_up()
+            except Exception:
+                logger.exception("registry refresh failed")
+
+    async def _catch_up(self) -> None:
+        async with self._lock:
+            touched = False
+            for source in self._sources.values():
+                if source.dirty or source.failure is not None:
+                    source.dirty.clear()
+                    await self._relist(source, first=False)
+                    touched = True
+            if touched:
+                await self._swap(self._build(strict=False))
+        await self.reload_pins()
+
+    async def _relist(self, source: _Source, first: bool) -> None:
+        """List everything the connector offers and pin its tools; failures hide it all."""
+        connector = source.connector
+        try:
+            await connector.start()
+            listed = await connector.list_tools()
+            caps = connector.capabilities
+            resources: list[types.Resource] = []
+            templates: list[types.ResourceTemplate] = []
+            prompts: list[types.Prompt] = []
+            if caps.resources is not None:
+                resources = await connector.list_resources()
+                templates = await connector.list_resource_templates()
+            if caps.prompts is not None:
+                prompts = await connector.list_prompts()
+            seen: list[_Seen] = []
+            for tool in listed:
+                wire = tool.model_dump(by_alias=True, exclude_none=True, mode="json")
+                definition = pinned_definition(wire)
+                seen.append(_Seen(tool.name, definition, definition_digest(definition)))
+            pins = await self._pin(source, seen)
+        except (ConnectorError, BrokerError) as exc:
+            level = logging.ERROR if first else logging.WARNING
+            logger.log(level, "listing a connector failed", extra={"connector": source.id})
+            source.failure = f"connector '{source.id}' could not be listed: {exc}"
+            source.tools, source.pins = (), {}
+            source.resources, source.templates, source.prompts = (), (), ()
+            return
+        source.tools = tuple(seen)
+        source.pins = pins
+        source.resources, source.templates, source.prompts = (
+            tuple(resources),
+            tuple(templates),
+            tuple(prompts),
+        )
+        source.failure = None
+
+    async def _pin(self, source: _Source, seen: Sequence[_Seen]) -> dict[str, ToolPin]:
+        pins: dict[str, ToolPin] = {}
+        now = self._clock.now()
+        for item in seen:
+            known = source.pins.get(item.name)
+            if known is not None and known.digest == item.digest:
+                pins[item.name] = known
+                continue
+            pin = await self._store.upsert_seen_pin(
+                source.id, item.name, item.digest, item.definition, now
+            )
+            if pin.status is PinStatus.CHANGED:
+                logger.warning(
+                    "tool definition changed; tool disabled until approved",
+                    extra={"connector": source.id, "tool": item.name, "digest": item.digest},
+                )
+            pins[item.name] = pin
+        return pins
+
+    async def _swap(self, snapshot: Snapshot) -> None:
+        old, self._snapshot = self._snapshot, snapshot
+        change = SnapshotChange(
+            snapshot,
+            tools=[r.tool for r in old.listed] != [r.tool for r in snapshot.listed],
+            prompts=[p.prompt for p in old.prompts.values()]
+            != [p.prompt for p in snapshot.prompts.values()],
+            resources=list(old.resources) != list(snapshot.resources)
+            or [t.template for t in old.templates] != [t.template for t in snapshot.templates],
+        )
+        if not (change.tools or change.prompts or change.resources) or not self._started:
+            return
+        for callback in list(self._listeners):
+            try:
+                await callback(change)
+            except Exception:
+                logger.exception("snapshot listener failed")
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _build(self, *, strict: bool) -> Snapshot:
+        """The snapshot from the current per-connector state.
+
+        With ``strict`` a collision between connectors raises `ConfigError`; otherwise the
+        later connector's entry is hidden and recorded as a problem.
+        """
+        problems: list[str] = []
+        tools: dict[str, ToolRoute] = {}
+        prompts: dict[str, PromptRoute] = {}
+        resources: dict[str, ResourceRoute] = {}
+        templates: list[TemplateRoute] = []
+
+        def collide(kind: str, name: str, first: str, second: str) -> None:
+            message = (
+                f"{kind} name '{name}' is exposed by both connectors '{first}' and "
+                f"'{second}': give one of them a (different) prefix"
+            )
+            if strict:
+                raise ConfigError(message)
+            problems.append(message)
+            logger.error("exposed name collision", extra={"name": name, "connector": second})
+
+        for source in self._sources.values():
+            if source.failure is not None:
+                problems.append(source.failure)
+            for seen in source.tools:
+                name = exposed_name(source.prefix, seen.name)
+                if not NAME_RE.fullmatch(name):
+                    problems.append(_bad_name("tool", source.id, seen.name, name))
+                    continue
+                if name in tools:
+                    collide("tool", name, tools[name].connector_id, source.id)
+                    continue
+                route = self._route(source, seen, name, problems)
+                tools[name] = route
+            for prompt in source.prompts:
+                name = exposed_name(source.prefix, prompt.name)
+                if not NAME_RE.fullmatch(name):
+                    problems.append(_bad_name("prompt", source.id, prompt.name, name))
+                    continue
+                if name in prompts:
+                    collide("prompt", name, prompts[name].connector_id, source.id)
+                    continue
+                renamed = prompt.model_copy(update={"name": name})
+                prompts[name] = PromptRoute(name, source.id, prompt.name, source.connector, renamed)
+            for resource in source.resources:
+                uri = str(resource.uri)
+                if uri in resources:
+                    problems.append(
+                        f"resource '{uri}' is listed by both connectors "
+                        f"'{resources[uri].connector_id}' and '{source.id}'; the first is used"
+                    )
+                    continue
+                resources[uri] = ResourceRoute(source.id, source.connector, resource)
+            for template in source.templates:
+                templates.append(
+                    TemplateRoute(source.id, source.connector, template, _template_regex(template))
+                )
+        listed = tuple(sorted((r for r in tools.values() if r.tool is not None), key=_by_name))
+        schemas = {r.name: r.tool.input_schema for r in listed if r.tool is not None}
+        return Snapshot(
+            version=self._snapshot.version + 1,
+            tools=MappingProxyType(tools),
+            listed=listed,
+            input_schemas=MappingProxyType(schemas),
+            prompts=MappingProxyType(dict(sorted(prompts.items()))),
+            resources=MappingProxyType(resources),
+            templates=tuple(templates),
+            connectors=MappingProxyType({s.id: s.connector for s in self._sources.values()}),
+            problems=tuple(problems),
+        )
+
+    def _route(self, source: _Source, seen: _Seen, name: str, problems: list[str]) -> ToolRoute:
+        pin = source.pins.get(seen.name)
+        tool: types.Tool | None = None
+        disabled: Reason | None
+        if pin is None or pin.approved_digest is None:
+            disabled = Reason.TOOL_UNAPPROVED
+        elif pin.approved_digest != seen.digest:
+            disabled = Reason.TOOL_DEFINITION_CHANGED
+        else:
+            approved = pin.approved_definition or pin.definition
+            tool, problem = _exposed_tool(approved, name)
+            disabled = None if tool is not None else Reason.TOOL_UNAPPROVED
+            if problem is not None:
+                problems.append(f"connector '{source.id}' tool '{seen.name}': {problem}")
+        return ToolRoute(name, source.id, seen.name, source.connector, tool, disabled, seen.digest)
+
+
+def _by_name(route: ToolRoute) -> str:
+    return route.name
+
+
+def _pin_view(pins: Mapping[str, ToolPin]) -> dict[str, tuple[str, str | None]]:
+    return {name: (pin.digest, pin.approved_digest) for name, pin in pins.items()}
+
+
+def _bad_name(kind: str, connector_id: str, name: str, exposed: str) -> str:
+    message = (
+        f"{kind} {name!r} of connector '{connector_id}' is not exposed: its name "
+        f"{exposed!r} must be 1-128 characters of A-Z a-z 0-9 _ . -"
+    )
+    logger.warning("exposed name refused", extra={"connector": connector_id})
+    return message
+
+
+def _exposed_tool(definition: Mapping[str, Any], name: str) -> tuple[types.Tool | None, str | None]:
+    """The approved definition as a tool named ``name``, or a reason it cannot be served."""
+    schema = definition.get("inputSchema")
+    if not isinstance(schema, Mapping) or schema.get("type") != "object":  # pyright: ignore[reportUnknownMemberType]
+        return None, 'inputSchema must be a JSON Schema object with "type": "object"'
+    try:
+        return types.Tool.model_validate({**definition, "name": name}), None
+    except ValidationError:
+        return None, "the approved definition is not a valid MCP tool"
+
+
+_TEMPLATE_EXPR = re.compile(r"\{([+#./;?&]?)[^{}]*\}")
+
+
+def _template_regex(template: types.ResourceTemplate) -> re.Pattern[str]:
+    """A full-match regex for URIs an RFC 6570 template can produce (coarse, never wider than
+    one path segment for simple expressions)."""
+    out: list[str] = []
+    pos = 0
+    text = template.uri_template
+    for match in _TEMPLATE_EXPR.finditer(text):
+        out.append(re.escape(text[pos : match.start()]))
+        operator = match.group(1)
+        out.append(".*" if operator in ("+", "#") else "[^/?#]*")
+        pos = match.end()
+    out.append(re.escape(text[pos:]))
+    return re.compile("".join(out), re.DOTALL)
