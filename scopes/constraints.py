@@ -277,13 +277,6 @@ class _Resolver:
         return self._cache[path]
 
 
-def _within_any(canonical: str, roots: tuple[str, ...]) -> bool:
-    for root in roots:
-        if path_within(canonical, root):
-            return True
-    return False
-
-
 def _check_leaf(
     constraint: Constraint,
     value: JSONValue,
@@ -303,7 +296,10 @@ def _check_leaf(
             violations.append(Violation(where, "within", str(exc)))
             return value
         for roots in constraint.roots:
-            if not _within_any(canonical, roots):
+            for root in roots:
+                if path_within(canonical, root):
+                    break
+            else:
                 violations.append(
                     Violation(where, "within", "expected a path within the allowed roots")
                 )
