@@ -8,15 +8,25 @@ the SDK turns into 401 with ``WWW-Authenticate``.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from mcp.server.auth.provider import AccessToken
 
 from broker.config import BrokerConfig
-from broker.core.tokens import TokenClaims
+from broker.core.tokens import TokenClaims, TokenRejected, verify_token
+from broker.errors import StoreUnavailable
 from broker.keys import KeyRing
 from broker.ports import Clock, Store
 from broker.revocations import RevocationCache
 
 __all__ = ["BrokerTokenVerifier"]
+
+logger = logging.getLogger(__name__)
+
+# An unknown kid may be a key another replica just rotated in; reloading the keys from the store
+# is rate-limited so that tokens with random kids cannot turn into store queries.
+KEY_REFRESH_INTERVAL = 5.0
 
 
 class BrokerTokenVerifier:
@@ -42,6 +52,7 @@ class BrokerTokenVerifier:
         self.leeway = leeway
         self.max_lifetime = max_lifetime
         self.store = store
+        self._last_key_refresh = -KEY_REFRESH_INTERVAL
 
     @classmethod
     def from_config(
@@ -69,7 +80,16 @@ class BrokerTokenVerifier:
         Raises:
             TokenRejected: the token is not valid now; ``reason`` says why.
         """
-        raise NotImplementedError
+        now = self.clock.now()
+        return verify_token(
+            raw,
+            keys=self.keyring.verification_keys(now),
+            audience=self.audience,
+            issuer=self.issuer,
+            now=now,
+            leeway=self.leeway,
+            max_lifetime=self.max_lifetime,
+        )
 
     async def authenticate(self, raw: str) -> TokenClaims:
         """Signature, claims, revocation and agent status; refreshes keys on an unknown kid.
@@ -78,8 +98,46 @@ class BrokerTokenVerifier:
             TokenRejected: ``reason`` is a token reason or a `Reason` value (``token-revoked``,
                 ``agent-quarantined``, ``agent-disabled``, ``store-unavailable``).
         """
-        raise NotImplementedError
+        try:
+            claims = self.verify_claims(raw)
+        except TokenRejected as exc:
+            if exc.reason != "unknown-key" or not await self._refresh_keys():
+                raise
+            claims = self.verify_claims(raw)
+        reason = self.revocations.check(claims, self.clock.now())
+        if reason is not None:
+            raise TokenRejected(reason.value, jti=claims.jti)
+        return claims
+
+    async def _refresh_keys(self) -> bool:
+        if self.store is None:
+            return False
+        mono = time.monotonic()
+        if mono - self._last_key_refresh < KEY_REFRESH_INTERVAL:
+            return False
+        self._last_key_refresh = mono
+        await self.keyring.refresh(self.store)
+        return True
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        """The SDK hook: an `AccessToken` for a usable token, else None (401)."""
-        raise NotImplementedError
+        """The SDK hook: an `AccessToken` for a usable token, else None (401).
+
+        A store failure while reloading keys is a refusal too (fail closed).
+        """
+        try:
+            claims = await self.authenticate(token)
+        except TokenRejected as exc:
+            logger.info("token refused", extra={"reason": exc.reason, "jti": exc.jti})
+            return None
+        except StoreUnavailable:
+            logger.warning("token refused", extra={"reason": "store-unavailable", "jti": None})
+            return None
+        return AccessToken(
+            token=token,
+            client_id=claims.client_id,
+            scopes=list(claims.scopes),
+            expires_at=claims.exp,
+            resource=claims.aud,
+            subject=claims.sub,
+            claims=claims.to_payload(),
+        )
