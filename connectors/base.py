@@ -118,7 +118,7 @@ class Connector(Protocol):
         arguments: Mapping[str, JSONValue],
         *,
         progress: ProgressCallback | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-call deadline is the contract
     ) -> types.CallToolResult:
         """Call ``name`` (the downstream name, not the prefixed one) within a deadline.
 
