@@ -1,0 +1,1 @@
+"""The official MCP conformance suite: a harness and the runs against our servers."""
