@@ -436,7 +436,7 @@ def parse_host_pattern(entry: str) -> HostPattern:
     if "*" in probe:
         raise CanonicalisationError("expected '*' only as a whole leading label ('*.example.com')")
     parsed = parse_url(f"https://{probe}/")
-    if parsed.port is not None or parsed.url != f"https://{parsed.host}/":
+    if ":" in probe.rpartition("]")[2] or parsed.url != f"https://{parsed.host}/":
         raise CanonicalisationError("expected a bare host without port or path")
     if parsed.ip is not None:
         if wildcard:
