@@ -25,6 +25,7 @@ listing failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -35,7 +36,6 @@ from types import MappingProxyType
 from typing import Any
 
 import anyio
-import anyio.abc
 import mcp.types as types
 from pydantic import ValidationError
 
@@ -297,7 +297,7 @@ class Registry:
         self._listeners: list[ChangeCallback] = []
         self._lock = anyio.Lock()
         self._wake = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._started = False
 
     @classmethod
@@ -403,18 +403,20 @@ class Registry:
                 await self._close_all()
                 raise
             await self._swap(snapshot)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._watch)
+        # A plain task, not a task group: the registry is entered and exited from different
+        # tasks by hosts such as test fixtures and Starlette lifespans.
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(), name="registry watcher"
+        )
         self._started = True
         return snapshot
 
     async def aclose(self) -> None:
         """Stop watching and close every connector. Idempotent."""
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.wait([watcher])
         await self._close_all()
 
     async def _close_all(self) -> None:

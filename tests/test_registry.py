@@ -157,21 +157,21 @@ async def test_the_exposed_definition_is_the_approved_one_only_pinned_fields(
 async def test_approvals_made_elsewhere_are_noticed_by_the_pin_poll(store: SqlStore) -> None:
     registry = Registry(store, pin_poll_interval=0.05)
     registry.add(EchoConnector("echo"))
-    changes: list[SnapshotChange] = []
-    seen = anyio.Event()
+    send, receive = anyio.create_memory_object_stream[SnapshotChange](10)
 
     async def on_change(change: SnapshotChange) -> None:
-        changes.append(change)
-        seen.set()
+        send.send_nowait(change)
 
     registry.add_listener(on_change)
-    async with registry:
+    async with registry, receive:
         for pin in await store.list_pins():
             await store.approve_pin(pin.connector_id, pin.tool_name, pin.digest, "admin", NOW)
         with anyio.fail_after(5):
-            await seen.wait()
-        assert changes[0].tools
-        assert len(registry.snapshot.listed) == 3
+            async for change in receive:
+                assert change.tools
+                if len(change.snapshot.listed) == 3:
+                    break
+    send.close()
 
 
 async def test_a_silently_changed_definition_seen_after_a_restart_disables_the_tool(
