@@ -1,0 +1,1 @@
+"""`make bench`: tools/call round trips through the broker against a direct connection."""
