@@ -51,6 +51,7 @@ class RevocationCache:
         self.staleness = staleness
         self.view = RevocationView()
         self._wake = anyio.Event()
+        self._refreshed = anyio.Event()
         self._lock = anyio.Lock()
         self._group: TaskGroup | None = None
 
@@ -71,6 +72,12 @@ class RevocationCache:
             self.view = (
                 self.view.with_revocations(revocations).with_statuses(statuses).confirmed(started)
             )
+            done, self._refreshed = self._refreshed, anyio.Event()
+            done.set()
+
+    async def wait_refreshed(self) -> None:
+        """Wait until the next successful refresh has been applied."""
+        await self._refreshed.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Refresh, report started, then refresh every ``poll_interval`` or on `notify`.

@@ -87,7 +87,7 @@ REQUIRED_CLAIMS = (
     "scope",
     "task",
 )
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _SCOPE_TOKEN_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _EMBEDDED_KEY_PARAMS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _HEADER_PARAMS = frozenset({"alg", "typ", "kid"})

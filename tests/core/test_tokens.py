@@ -235,6 +235,7 @@ REFUSALS: list[tuple[str, Callable[[], str], str]] = [
     ("typ-jwt", lambda: _header(typ="JWT"), "bad-type"),
     ("typ-not-string", lambda: _header(typ=1), "bad-type"),
     ("alg-none", _alg_none, "bad-algorithm"),
+    ("alg-none-unsigned", lambda: _alg_none()[:-2], "bad-algorithm"),
     ("alg-none-forged", lambda: _header(alg="none"), "bad-algorithm"),
     ("hs256-with-public-key", _hs256_with_public_key, "bad-algorithm"),
     ("rs256", _rs256, "bad-algorithm"),
