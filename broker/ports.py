@@ -7,14 +7,17 @@ The store returns core values (`broker.core.*`), never ORM rows. Every method ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from broker.core.identity import AdminRole, AdminToken, Agent, AgentStatus
+from broker.core.pinning import PinStatus, ToolPin
+from broker.core.recording import RecordedEvent, SessionRecord
 from broker.core.revocation import IssuedToken, Revocation, RevocationKind
 
-__all__ = ["Clock", "SigningKeyRecord", "Store", "SystemClock"]
+__all__ = ["Clock", "SigningKeyRecord", "Store", "StoredConnector", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -30,17 +33,33 @@ class SystemClock:
         return datetime.now(UTC)
 
 
-class SigningKeyRecord(Protocol):
+@dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    """The public half of a token-signing key, as the store keeps it."""
+
     kid: str
     public_jwk: dict[str, Any]
     created_at: datetime
-    retired_at: datetime | None
+    retired_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConnector:
+    """A connector added at runtime (CLI or admin API); ``spec`` is its ConnectorConfig as JSON."""
+
+    id: str
+    kind: str
+    spec: Mapping[str, Any]
+    created_at: datetime
+    created_by: str
 
 
 class Store(Protocol):
-    """Durable state. Agents, admin tokens, signing keys, issued tokens and revocations.
+    """Durable state: agents, admin tokens, signing keys, issued tokens, revocations, budgets,
+    client-assertion jtis, runtime connectors, tool pins, sessions and their events.
 
-    Later rooms add connectors and tool pins, approvals, budgets, sessions and events.
+    Every datetime going in must be aware; every datetime coming out is aware UTC. Duplicates
+    raise ``broker.store.errors.Conflict`` (a `StoreError`).
     """
 
     async def migrate(self) -> None:
@@ -64,7 +83,13 @@ class Store(Protocol):
 
     async def list_agents(self) -> Sequence[Agent]: ...
 
-    async def agent_secret_hash(self, agent_id: str) -> str | None: ...
+    async def agent_secret_hash(self, agent_id: str) -> str | None:
+        """None for an agent without a client secret. Raises NotFound for an unknown agent."""
+        ...
+
+    async def set_agent_secret_hash(self, agent_id: str, secret_hash: str | None) -> None:
+        """Replace the client-secret hash (rotation). Raises NotFound."""
+        ...
 
     async def set_agent_status(
         self, agent_id: str, status: AgentStatus, *, reason: str, actor: str, at: datetime
@@ -73,21 +98,37 @@ class Store(Protocol):
         ...
 
     # admin tokens
-    async def create_admin_token(self, token: AdminToken, *, secret_hash: str) -> None: ...
+    async def create_admin_token(self, token: AdminToken, *, secret_hash: str) -> None:
+        """Raises Conflict on a taken id."""
+        ...
 
     async def get_admin_token(self, token_id: str) -> tuple[AdminToken, str]:
         """The record and its secret hash. Raises NotFound."""
         ...
 
+    async def list_admin_tokens(self) -> Sequence[AdminToken]: ...
+
+    async def revoke_admin_token(self, token_id: str, at: datetime) -> AdminToken:
+        """Mark revoked at ``at`` (kept if already revoked). Raises NotFound."""
+        ...
+
     # signing keys (public half; private keys live in files under tokens.keys_dir)
-    async def add_signing_key(self, kid: str, public_jwk: dict[str, Any], at: datetime) -> None: ...
+    async def add_signing_key(self, kid: str, public_jwk: dict[str, Any], at: datetime) -> None:
+        """Raises Conflict on a taken kid."""
+        ...
 
-    async def list_signing_keys(self) -> Sequence[SigningKeyRecord]: ...
+    async def list_signing_keys(self) -> Sequence[SigningKeyRecord]:
+        """Oldest first, retired ones included."""
+        ...
 
-    async def retire_signing_key(self, kid: str, at: datetime) -> None: ...
+    async def retire_signing_key(self, kid: str, at: datetime) -> None:
+        """Raises NotFound."""
+        ...
 
     # issued tokens and revocations
-    async def record_token(self, token: IssuedToken) -> None: ...
+    async def record_token(self, token: IssuedToken) -> None:
+        """Raises Conflict on a taken jti or an unknown agent."""
+        ...
 
     async def get_token(self, jti: str) -> IssuedToken:
         """Raises NotFound."""
@@ -103,7 +144,9 @@ class Store(Protocol):
 
     async def revoke(
         self, kind: RevocationKind, subject: str, *, reason: str, actor: str, at: datetime
-    ) -> Revocation: ...
+    ) -> Revocation:
+        """Append a revocation; its ``seq`` is greater than every seq committed before it."""
+        ...
 
     async def revocations_since(self, seq: int) -> Sequence[Revocation]:
         """Revocations with ``seq`` greater than the one given, oldest first."""
@@ -113,6 +156,123 @@ class Store(Protocol):
         self, at: datetime
     ) -> Sequence[tuple[str, AgentStatus, datetime]]:
         """(agent id, status, changed_at) for agents whose status changed after ``at``."""
+        ...
+
+    # call budgets and client-assertion replay protection (hot path)
+    async def consume_budget(self, jti: str, limit: int) -> int | None:
+        """Use one call of ``jti``'s budget of ``limit`` calls, atomically across processes.
+
+        Returns the calls left after this one, or None (nothing used) when exhausted.
+        """
+        ...
+
+    async def remember_assertion_jti(self, jti: str, expires_at: datetime) -> bool:
+        """Record a client assertion's jti; False when it was seen before (a replay)."""
+        ...
+
+    async def forget_assertion_jtis(self, before: datetime) -> int:
+        """Delete remembered jtis that expired before ``before``; returns how many."""
+        ...
+
+    # connectors added at runtime
+    async def add_connector(self, connector: StoredConnector) -> None:
+        """Raises Conflict on a taken id."""
+        ...
+
+    async def list_connectors(self) -> Sequence[StoredConnector]: ...
+
+    async def get_connector(self, connector_id: str) -> StoredConnector:
+        """Raises NotFound."""
+        ...
+
+    async def remove_connector(self, connector_id: str) -> None:
+        """Remove the connector and its tool pins (re-adding it needs new approvals).
+
+        Raises NotFound.
+        """
+        ...
+
+    # tool pins
+    async def get_pins(self, connector_id: str) -> Sequence[ToolPin]: ...
+
+    async def upsert_seen_pin(
+        self,
+        connector_id: str,
+        tool_name: str,
+        digest: str,
+        definition: Mapping[str, Any],
+        at: datetime,
+    ) -> ToolPin:
+        """Record the definition seen now: new -> pending; equal to the approved one ->
+        approved; differing from the approved one -> changed (approved_* kept); pending ->
+        pending with the new definition."""
+        ...
+
+    async def approve_pin(
+        self, connector_id: str, tool_name: str, digest: str, actor: str, at: datetime
+    ) -> ToolPin:
+        """Approve the current definition if ``digest`` is still the current one.
+
+        Raises NotFound, or Conflict when the definition changed since the admin saw it.
+        """
+        ...
+
+    async def list_pins(self, status: PinStatus | None = None) -> Sequence[ToolPin]: ...
+
+    # sessions and their append-only, hash-chained events
+    async def open_session(self, session: SessionRecord) -> None:
+        """Raises Conflict on a taken id."""
+        ...
+
+    async def append_events(self, events: Sequence[RecordedEvent]) -> None:
+        """Write a batch (any sessions) in one durable transaction, or nothing.
+
+        Each session's events must continue its chain: seqs gapless from its event count + 1,
+        the first ``prev_hash`` equal to its last hash, the session still open.
+        Raises Conflict when they do not (nothing written), StoreUnavailable on a DB failure.
+        """
+        ...
+
+    async def session_head(self, session_id: str) -> tuple[int, str] | None:
+        """(last seq, its hash), or None before the first event. Raises NotFound."""
+        ...
+
+    async def close_session(self, session_id: str, ended_at: datetime, head_hash: str) -> None:
+        """Seal the session. Raises NotFound, or Conflict if already sealed differently or
+        ``head_hash`` is not the chain's last hash."""
+        ...
+
+    async def get_session(self, session_id: str) -> SessionRecord:
+        """Raises NotFound."""
+        ...
+
+    async def list_sessions(
+        self,
+        *,
+        agent_id: str | None = None,
+        task_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        flagged: bool | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Sequence[SessionRecord]:
+        """Newest first; ``since``/``until`` bound ``started_at`` (since inclusive, until
+        exclusive)."""
+        ...
+
+    async def session_events(
+        self, session_id: str, *, after_seq: int = 0, limit: int | None = None
+    ) -> Sequence[RecordedEvent]:
+        """Events with seq > ``after_seq`` in order (empty for an unknown session)."""
+        ...
+
+    async def find_event_by_decision(self, decision_id: str) -> RecordedEvent:
+        """The first event carrying ``decision_id``. Raises NotFound."""
+        ...
+
+    async def flag_session(self, session_id: str, flag: str) -> SessionRecord:
+        """Add ``flag`` (idempotent). Raises NotFound."""
         ...
 
 
