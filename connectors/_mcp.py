@@ -82,10 +82,10 @@ class Link:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.dead = anyio.Event()
-        self.why: str | None = None
+        self.why = ""
 
     def die(self, why: str) -> None:
-        if self.why is None:
+        if not self.why:
             self.why = why
         self.dead.set()
 
@@ -126,6 +126,10 @@ class McpConnector(ABC):
     @property
     @abstractmethod
     def _connect_timeout(self) -> float: ...
+
+    def _session_lost(self, error: MCPError) -> bool:
+        """Whether ``error`` means the downstream session is gone (and must be reopened)."""
+        return False
 
     def _client(self, transport: object) -> Client:
         """A legacy-mode `Client` with the broker's callbacks; no cache (pins need fresh lists)."""
@@ -326,7 +330,7 @@ class McpConnector(ABC):
             try:
                 return await send(link.client)
             except MCPError as exc:
-                if exc.code == CONNECTION_CLOSED:
+                if exc.code == CONNECTION_CLOSED or self._session_lost(exc):
                     raise await self._broken(link) from exc
                 raise DownstreamError(exc.error.message, code=exc.code) from exc
             except ValidationError as exc:
@@ -361,7 +365,9 @@ class McpConnector(ABC):
             return ConnectorClosed(f"{self._describe()} was closed during the call")
         with anyio.move_on_after(_DEATH_NOTE_WAIT):
             await link.dead.wait()
-        return ConnectorBroken(link.why or f"{self._describe()} closed the connection")
+        # Still "alive" (an HTTP session the server forgot): drop it so the supervisor reopens.
+        link.die(f"{self._describe()} lost the session")
+        return ConnectorBroken(link.why)
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -408,7 +414,7 @@ class McpConnector(ABC):
                 except Exception as exc:
                     cause = exc
                 if link is not None:
-                    link.die(f"{self._describe()} failed")
+                    link.die(f"{self._describe()} connection failed")
                 self._link = None
                 self._wake()
                 if closing.is_set():
@@ -419,9 +425,13 @@ class McpConnector(ABC):
                     return
                 logger.warning(
                     "connector session ended",
-                    extra={"connector": self.id, "why": link.why if link else None},
-                    exc_info=cause,
+                    extra={
+                        "connector": self.id,
+                        "why": link.why if link else None,
+                        "error": type(cause).__name__ if cause else None,
+                    },
                 )
+                logger.debug("connector session failure", exc_info=cause)
                 if up_since is not None and anyio.current_time() - up_since > _STABLE_AFTER:
                     restarts = 0
                 if restarts >= self._max_restarts:

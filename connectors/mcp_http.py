@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 
 import httpx2
+from mcp import MCPError
 from mcp.client.streamable_http import streamable_http_client
 
 from connectors._mcp import Link, McpConnector
@@ -18,6 +19,9 @@ from connectors.base import HttpSpec
 from connectors.errors import ConnectorConfigError
 
 __all__ = ["HttpConnector"]
+
+INVALID_REQUEST = -32600
+_SESSION_GONE = frozenset({"Session terminated", "Session not found"})
 
 RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
 """HttpSpec has no backoff fields; this schedule is used, and restarts are never given up."""
@@ -66,5 +70,7 @@ class HttpConnector(McpConnector):
         await stack.enter_async_context(client)
         return link
 
-    def _connection_lost(self, link: Link) -> None:
-        link.die(f"{self._describe()} is unreachable")
+    def _session_lost(self, error: MCPError) -> bool:
+        # A 404 for our session id (the server restarted or expired it): the SDK client says
+        # "Session terminated", an SDK server's body says "Session not found".
+        return error.code == INVALID_REQUEST and error.error.message in _SESSION_GONE
