@@ -452,3 +452,27 @@ def test_authorization_details_errors_name_the_entry(
     assert caught.value.scope is None
     assert caught.value.field == field
     assert expected in caught.value.expected
+
+
+def test_a_grant_that_is_not_a_table_is_an_error() -> None:
+    with pytest.raises(ScopeSyntaxError, match="a table with connector, tools") as caught:
+        parse_scope_toml('[[scope]]\nname = "s:x"\ngrant = [1]\n', source="s.toml")
+    assert caught.value.field == "grant[0]"
+
+
+def test_argument_paths_deeper_than_eight_steps_are_refused() -> None:
+    deep = "a" + ".b" * 7
+    assert parse_authorization_details(
+        [{"type": "tool_call", "connector": "c", "tools": ["t"], "args": {deep: {"equals": 1}}}]
+    )
+    with pytest.raises(ScopeSyntaxError, match="an argument path"):
+        parse_authorization_details(
+            [
+                {
+                    "type": "tool_call",
+                    "connector": "c",
+                    "tools": ["t"],
+                    "args": {deep + ".c": {"equals": 1}},
+                }
+            ]
+        )

@@ -258,3 +258,18 @@ def test_realpath_hook_is_not_called_for_paths_refused_lexically() -> None:
     constraints = parse_constraints({"path": {"within": "/srv/ws"}})
     assert not check_arguments(constraints, {"path": "/etc/x"}, realpath=realpath).ok
     assert calls == []
+
+
+def test_realpath_hook_resolves_each_root_once_per_call() -> None:
+    calls: list[str] = []
+
+    def realpath(path: str) -> str:
+        calls.append(path)
+        return path
+
+    constraints = parse_constraints({"paths[*]": {"within": "/srv/ws"}})
+    result = check_arguments(
+        constraints, {"paths": ["/srv/ws/a", "/srv/ws/b", "/srv/ws/a"]}, realpath=realpath
+    )
+    assert result.ok
+    assert sorted(calls) == ["/srv/ws", "/srv/ws/a", "/srv/ws/b"]
