@@ -253,11 +253,16 @@ class McpFront:
             principal = self.principal_lookup(ctx)
             if principal is None:
                 return self._deny(decision_id, Reason.TOKEN_INVALID, params.name, None)
-            route = self.registry.snapshot.tools.get(params.name)
+            route = self._covered_route(principal, params.name)
+            if route is not None and self.registry.is_stale(route.connector_id):
+                # The downstream announced a change: decide on the re-pinned definition.
+                if not await self.registry.settled(route.connector_id):
+                    return self._deny(
+                        decision_id, Reason.UPSTREAM_UNAVAILABLE, params.name, principal
+                    )
+                route = self._covered_route(principal, params.name)
             # Unknown and forbidden answer alike: existence is not revealed to the uncovered.
-            if route is None or not self.access.may_call(
-                principal, route.connector_id, route.tool_name
-            ):
+            if route is None:
                 return self._deny(decision_id, Reason.SCOPE_MISSING, params.name, principal)
             if route.disabled is not None:
                 return self._deny(decision_id, route.disabled, params.name, principal)
@@ -266,6 +271,15 @@ class McpFront:
             logger.exception("deciding a tool call failed", extra={"decision_id": decision_id})
             return denial(decision_id, Reason.DECISION_ERROR)
         return await self._forward(ctx, route, arguments, decision_id)
+
+    def _covered_route(self, principal: Principal, name: str) -> ToolRoute | None:
+        """The route of ``name`` if some grant of ``principal`` covers it (enabled or not)."""
+        route = self.registry.snapshot.tools.get(name)
+        if route is None or not self.access.may_call(
+            principal, route.connector_id, route.tool_name
+        ):
+            return None
+        return route
 
     async def _forward(
         self,

@@ -298,6 +298,7 @@ class Registry:
         self._lock = anyio.Lock()
         self._wake = anyio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._stale: dict[str, anyio.Event] = {}
         self._started = False
 
     @classmethod
@@ -441,6 +442,20 @@ class Registry:
         source = self._sources.get(connector_id)
         return source.connector if source else None
 
+    def is_stale(self, connector_id: str) -> bool:
+        """Whether the connector announced a tool change (or restarted) not yet re-listed."""
+        return connector_id in self._stale
+
+    async def settled(self, connector_id: str, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+        """Wait (at most ``timeout`` seconds) until a stale connector was re-listed."""
+        event = self._stale.get(connector_id)
+        if event is None:
+            return True
+        with anyio.move_on_after(timeout):
+            await event.wait()
+            return True
+        return False
+
     def add_listener(self, callback: ChangeCallback) -> None:
         """``callback(change)`` runs after every snapshot change agents could notice."""
         self._listeners.append(callback)
@@ -449,12 +464,18 @@ class Registry:
 
     async def refresh(self, connector_id: str | None = None) -> Snapshot:
         """Re-list and re-pin one connector (or all) now, and swap in the new snapshot."""
+        settled: list[anyio.Event] = []
         async with self._lock:
             for source in self._sources.values():
                 if connector_id is None or source.id == connector_id:
+                    stale = self._stale.pop(source.id, None)
+                    if stale is not None:
+                        settled.append(stale)
                     await self._relist(source, first=False)
             snapshot = self._build(strict=False)
             await self._swap(snapshot)
+        for event in settled:
+            event.set()
         return snapshot
 
     async def reload_pins(self) -> Snapshot:
@@ -486,6 +507,10 @@ class Registry:
             source = self._sources.get(connector_id)
             if source is not None:
                 source.dirty.add(kind)
+                if kind in (ChangeKind.TOOLS, ChangeKind.RESTARTED):
+                    # Calls to this connector wait for the re-list: a changed tool must not be
+                    # called between the downstream's notice and its re-pinning.
+                    self._stale.setdefault(connector_id, anyio.Event())
                 self._wake.set()
 
         return on_change
@@ -501,15 +526,21 @@ class Registry:
                 logger.exception("registry refresh failed")
 
     async def _catch_up(self) -> None:
+        settled: list[anyio.Event] = []
         async with self._lock:
             touched = False
             for source in self._sources.values():
                 if source.dirty or source.failure is not None:
                     source.dirty.clear()
+                    stale = self._stale.pop(source.id, None)
+                    if stale is not None:
+                        settled.append(stale)
                     await self._relist(source, first=False)
                     touched = True
             if touched:
                 await self._swap(self._build(strict=False))
+        for event in settled:
+            event.set()
         await self.reload_pins()
 
     async def _relist(self, source: _Source, first: bool) -> None:
