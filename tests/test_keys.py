@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 
 from broker.core.tokens import TokenClaims, TokenRejected, mint_token, verify_token
 from broker.errors import ConfigError
@@ -238,3 +239,37 @@ async def test_a_replica_verifies_with_a_key_another_replica_rotated_in(
         verify(token, here, NOW)
     await here.refresh(store)
     assert verify(token, here, NOW).jti == "j" * 22
+
+
+async def test_a_key_path_that_is_a_folder_or_an_rsa_key_is_refused(
+    store: SqlStore, keys_dir: Path
+) -> None:
+    kid = await ensure_signing_key(store, keys_dir, NOW)
+    path = keys_dir / f"{kid}.pem"
+    path.unlink()
+    path.mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_private_key(keys_dir, kid)
+    path.rmdir()
+    pem = generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, pem)
+    os.close(fd)
+    with pytest.raises(ConfigError, match="not Ed25519"):
+        load_private_key(keys_dir, kid)
+
+
+@pytest.mark.parametrize(
+    "jwk",
+    [
+        {"kty": "OKP", "crv": "Ed25519", "x": "A"},
+        {"kty": "OKP", "crv": "Ed448", "x": "AA"},
+        {"kty": "OKP", "crv": "Ed25519"},
+    ],
+    ids=["bad-base64", "other-curve", "no-x"],
+)
+def test_only_ed25519_jwks_become_keys(jwk: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="JWK"):
+        public_key_from_jwk(jwk)

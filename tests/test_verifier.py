@@ -404,3 +404,25 @@ async def test_the_poll_and_notify_bring_other_replicas_revocations(any_broker: 
             await replica.wait_refreshed()
         assert replica.check(claims, NOW) is Reason.TOKEN_REVOKED
     assert raw
+
+
+async def test_an_unknown_kid_with_no_store_to_ask_is_refused(broker: Broker) -> None:
+    verifier = BrokerTokenVerifier.from_config(CONFIG, broker.ring, broker.cache, broker.clock)
+    with pytest.raises(TokenRejected, match="unknown-key"):
+        await verifier.authenticate(_forged(broker, {"kid": "unknown1"}))
+
+
+async def test_a_store_failure_while_reloading_keys_refuses_the_token(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = open_store(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/broker.db")
+    try:
+        verifier = BrokerTokenVerifier.from_config(
+            CONFIG, broker.ring, broker.cache, broker.clock, dead
+        )
+        caplog.set_level(logging.INFO, logger="broker.verifier")
+        assert await verifier.verify_token(_forged(broker, {"kid": "unknown1"})) is None
+        [record] = [r for r in caplog.records if r.name == "broker.verifier"]
+        assert record.__dict__["reason"] == "store-unavailable"
+    finally:
+        await dead.aclose()
