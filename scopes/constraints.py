@@ -62,7 +62,11 @@ _URL_KEYS = ("allow_ip_literals", "allow_private", "hosts", "ports", "schemes")
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    """One failed check: where (`path`, concrete, e.g. `paths[2]`), which operator, and why."""
+    """One failed check: where (`path`, concrete, e.g. `paths[2]`), which operator, and why.
+
+    `operator` is the operator's name, or `path` when the argument is missing or the value on
+    the way is not an object/array. `message` says what was expected, never the value.
+    """
 
     path: str
     operator: str
@@ -131,7 +135,11 @@ class UrlRule:
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
-    """Every operator on one argument path, compiled; all of them must hold."""
+    """Every operator on one argument path, compiled; all of them must hold.
+
+    `operators` keeps the operands as written (arrays as tuples, tables as sorted key/value
+    pairs) for display and records; the other fields are the compiled form.
+    """
 
     path: str
     operators: tuple[tuple[str, object], ...]
@@ -190,7 +198,7 @@ def check_arguments(
     """
     if not isinstance(constraints, Constraints):
         constraints = constraints[0] if len(constraints) == 1 else Constraints.all_of(constraints)
-    copied: dict[str, JSONValue] = {key: _copy(value) for key, value in arguments.items()}
+    copied = _copy_object(arguments)
     violations: list[Violation] = []
     resolver = None if realpath is None else _Resolver(realpath)
     for constraint in constraints.items:
@@ -204,12 +212,26 @@ def check_arguments(
     return CheckResult(not violations, tuple(violations), copied)
 
 
-def _copy(value: JSONValue) -> JSONValue:
-    if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy(item) for item in value]
-    return value
+def _copy_object(value: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
+    copied: dict[str, JSONValue] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            item = _copy_object(item)
+        elif isinstance(item, list):
+            item = _copy_array(item)
+        copied[key] = item
+    return copied
+
+
+def _copy_array(value: list[JSONValue]) -> list[JSONValue]:
+    copied: list[JSONValue] = []
+    for item in value:
+        if isinstance(item, dict):
+            item = _copy_object(item)
+        elif isinstance(item, list):
+            item = _copy_array(item)
+        copied.append(item)
+    return copied
 
 
 def _walk_object(
@@ -396,6 +418,17 @@ def parse_constraints(
     return Constraints(tuple(items))
 
 
+def _freeze(value: object) -> object:
+    """An operand made immutable: arrays become tuples, tables sorted (key, value) pairs."""
+    table = _as_table(value)
+    if table is not None:
+        return tuple(sorted((key, _freeze(item)) for key, item in table.items()))
+    listed = _as_list(value)
+    if listed is not None:
+        return tuple(_freeze(item) for item in listed)
+    return value
+
+
 def _as_table(value: object) -> dict[str, object] | None:
     if not isinstance(value, Mapping):
         return None
@@ -431,7 +464,7 @@ def _parse_constraint(arg_path: ArgPath, operators: object, spec: _Spec) -> Cons
     canonicaliser = "path" if roots else "url" if url_rules else None
     return Constraint(
         arg_path.text,
-        tuple(entries),
+        tuple((name, _freeze(operand)) for name, operand in entries),
         arg_path.head,
         arg_path.steps,
         canonicaliser,

@@ -326,3 +326,15 @@ def test_all_of_merges_constraints_on_the_same_path() -> None:
     merged = Constraints.all_of([a, b])
     assert [c.path for c in merged.items] == ["x", "y"]
     assert [name for name, _ in merged.items[0].operators] == ["equals", "range"]
+
+
+def test_constraints_are_immutable_hashable_values() -> None:
+    table: dict[str, object] = {"u": {"url": {"hosts": ["example.com"], "ports": [443]}}}
+    first, second = parse_constraints(table), parse_constraints(table)
+    assert first == second
+    assert hash(first) == hash(second)
+    assert first.items[0].operators == (("url", (("hosts", ("example.com",)), ("ports", (443,)))),)
+    grants = parse_authorization_details(
+        [{"type": "tool_call", "connector": "c", "tools": ["t"], "args": table}]
+    )
+    assert len({grants[0], grants[0]}) == 1
