@@ -1,8 +1,10 @@
 """The composition root: `create_app(config)` builds the one Starlette app and its lifespan.
 
-Everything the routes need is built here and opened in the lifespan in dependency order (store,
-keys, revocation view, connectors, MCP session manager) and closed in reverse. Tests replace any
-part by passing it in.
+Everything that needs the store is built in the lifespan, in dependency order (store and
+migrations, signing keys, revocation view, scope definitions, verifier and token service,
+connectors, MCP session manager), and closed in reverse. Until start-up finishes, and after it
+fails, every route but ``/healthz`` answers 503: the broker never serves half-built.
+Tests replace any part by passing it in.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.config import BrokerConfig
+from broker.errors import ConfigError
 from broker.ports import Clock, Store, SystemClock
 
 __all__ = ["Services", "create_app"]
@@ -29,13 +33,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Services:
-    """What the running broker holds; built by `create_app`, opened by its lifespan."""
+    """What the running broker holds; filled in by the lifespan of `create_app`'s app."""
 
     config: BrokerConfig
     clock: Clock
     environ: Mapping[str, str]
     store: Any = None
-    extras: dict[str, Any] = field(default_factory=dict[str, Any])
+    keyring: Any = None
+    revocations: Any = None
+    verifier: Any = None
+    tokens: Any = None
+    registry: Any = None
+    front: Any = None
+    scopes: dict[str, Any] = field(default_factory=dict[str, Any])
+    ready: bool = False
+
+
+class _Deferred:
+    """An ASGI app that forwards to one built during start-up, answering 503 until then."""
+
+    def __init__(self) -> None:
+        self.target: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.target is not None:
+            await self.target(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        response = JSONResponse({"error": "starting", "detail": "the broker is not ready"}, 503)
+        await response(scope, receive, send)
 
 
 def create_app(
@@ -45,34 +72,108 @@ def create_app(
     clock: Clock | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Starlette:
-    """Build the broker's ASGI app. Nothing is opened until the lifespan runs."""
+    """Build the broker's ASGI app. Nothing is opened until the lifespan runs.
+
+    Raises:
+        ConfigError: (from the lifespan) a scope file, connector or key is unusable.
+    """
     services = Services(
         config=config,
         clock=clock or SystemClock(),
         environ=os.environ if environ is None else environ,
         store=store,
     )
-    own_store = store is None
+    deferred = _Deferred()
 
     async def healthz(request: Request) -> JSONResponse:
+        if not services.ready:
+            return JSONResponse({"status": "starting"}, 503)
         return JSONResponse({"status": "ok"})
 
-    routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Mount("/", app=deferred),
+    ]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            if own_store:
-                from broker.store import open_store
-
-                services.store = open_store(
-                    config.store.url,
-                    pool_size=config.store.pool_size,
-                    max_overflow=config.store.max_overflow,
-                )
-                stack.push_async_callback(services.store.aclose)
-                await services.store.migrate()
+            await _start(services, stack)
+            deferred.target = Router(routes=_routes(services))
+            services.ready = True
             app.state.services = services
-            yield
+            logger.info("broker ready", extra={"resource": config.server.resource_url})
+            try:
+                yield
+            finally:
+                services.ready = False
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _start(services: Services, stack: AsyncExitStack) -> None:
+    from broker.keys import KeyRing, ensure_signing_key
+    from broker.mcp_front import McpFront
+    from broker.registry import Registry
+    from broker.revocations import RevocationCache
+    from broker.token_service import TokenService
+    from broker.verifier import BrokerTokenVerifier
+    from scopes import ScopeError, load_scope_files
+
+    config, clock = services.config, services.clock
+    if services.store is None:
+        from broker.store import open_store
+
+        services.store = open_store(
+            config.store.url,
+            pool_size=config.store.pool_size,
+            max_overflow=config.store.max_overflow,
+        )
+        stack.push_async_callback(services.store.aclose)
+    store = services.store
+    await store.migrate()
+
+    await ensure_signing_key(store, config.tokens.keys_dir, clock.now())
+    services.keyring = await KeyRing.load(
+        store, config.tokens.keys_dir, max_ttl=config.tokens.max_ttl, leeway=config.tokens.leeway
+    )
+    services.revocations = await stack.enter_async_context(
+        RevocationCache(store, clock, staleness=config.store.revocation_staleness)
+    )
+    try:
+        definitions = load_scope_files(config.scope_files)
+    except ScopeError as exc:
+        raise ConfigError(str(exc)) from None
+    services.scopes = {d.name: d for d in definitions}
+    services.verifier = BrokerTokenVerifier.from_config(
+        config, services.keyring, services.revocations, clock, store
+    )
+    services.tokens = TokenService(
+        store,
+        services.keyring,
+        services.revocations,
+        config,
+        clock,
+        scope_definitions=services.scopes,
+        verifier=services.verifier,
+    )
+    services.registry = await Registry.from_config(
+        config, store, environ=services.environ, clock=clock
+    )
+    await stack.enter_async_context(services.registry)
+    services.front = McpFront(
+        services.registry,
+        definitions,
+        verifier=services.verifier,
+        server_config=config.server,
+    )
+    await stack.enter_async_context(services.front.lifespan())
+
+
+def _routes(services: Services) -> list[BaseRoute]:
+    from broker.oauth import oauth_routes
+
+    return [
+        *oauth_routes(services.tokens),
+        Mount("/", app=services.front.asgi_app()),
+    ]

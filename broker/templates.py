@@ -8,6 +8,9 @@ CONFIG_TEMPLATE = """\
 # broker.toml: mcp-authz-broker configuration. Every key is optional; unknown keys are errors.
 # Any value can be overridden by the environment: BROKER_SERVER__PORT=9000 sets [server] port.
 
+# Scope definitions: which tools, with which argument constraints, each scope grants.
+scope_files = [{scope_files}]
+
 [server]
 host = "127.0.0.1"
 port = 8765
@@ -27,9 +30,6 @@ default_ttl = 600          # seconds, when a token request names no expires_in
 max_ttl = 3600             # seconds, cap over every agent's own maximum
 leeway = 30                # seconds of clock skew tolerated
 max_delegation_depth = 3
-
-# Scope definitions: which tools, with which argument constraints, each scope grants.
-scope_files = [{scope_files}]
 {connectors}"""
 
 EXAMPLE_CONNECTORS = """
@@ -46,7 +46,7 @@ call_timeout = 10
 [[connectors]]
 id = "demo"
 kind = "native"
-target = "broker.demo_tools:demo"
+target = "broker.demo_tools:toolset"
 """
 
 EXAMPLE_SCOPES = """\

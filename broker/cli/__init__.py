@@ -16,9 +16,24 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from broker.cli import serve
+    import importlib
+
+    from broker.cli import agents, serve, tokens
 
     serve.register(app)
+    app.add_typer(agents.app, name="agents")
+    app.add_typer(tokens.app, name="token")
+    app.add_typer(tokens.keys_app, name="keys")
+    # Command groups whose modules may not exist in every build of the tree yet.
+    for module, name, attr in (
+        ("connectors", "connectors", "app"),
+        ("sessions", "sessions", "app"),
+    ):
+        try:
+            mod = importlib.import_module(f"broker.cli.{module}")
+        except ModuleNotFoundError:
+            continue
+        app.add_typer(getattr(mod, attr), name=name)
 
 
 _register()
