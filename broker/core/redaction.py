@@ -19,6 +19,7 @@ markup: nothing is escaped here (the review page escapes on output).
 from __future__ import annotations
 
 import hashlib
+import functools
 import hmac
 import itertools
 import math
@@ -112,6 +113,8 @@ _PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(r"(?<![A-Za-z0-9_])sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"),
     re.compile(r"(?<![A-Za-z0-9_])AIza[A-Za-z0-9_-]{35}"),
 )
+_SHAPED = re.compile("|".join(f"(?:{p.pattern})" for p in _PATTERNS))
+_MIN_SECRET = 8
 # Credentials after an HTTP auth scheme: the scheme stays, the credential goes.
 _AUTH_SCHEME = re.compile(
     r"\b([Bb]earer|BEARER|[Bb]asic|BASIC|[Tt]oken)(\s+)"
@@ -123,6 +126,9 @@ _ASSIGNMENT = re.compile(
 )
 _CANDIDATE = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/=_-]{32,}(?![A-Za-z0-9+/=_-])")
 _ENTROPY_BITS = 3.5
+_UPPER = re.compile(r"[A-Z]")
+_LOWER = re.compile(r"[a-z]")
+_DIGIT = re.compile(r"[0-9]")
 _WORD = re.compile(r"[A-Z]?[a-z]{2,}")
 _VOWELS = frozenset("aeiou")
 _WORDY = 0.5
@@ -133,6 +139,7 @@ def _key_words(name: str) -> list[str]:
     return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
 
 
+@functools.lru_cache(maxsize=4096)
 def _secret_key(name: str) -> bool:
     words = _key_words(name)
     if not words or _BENIGN_WORDS.intersection(words):
@@ -159,10 +166,8 @@ def _high_entropy(s: str) -> bool:
     Hex digests, UUIDs and ULIDs (one letter case), identifiers and paths are kept; about one
     random 32-character string in a hundred reads as wordy and is kept too.
     """
-    classes = (
-        any(c.isupper() for c in s) + any(c.islower() for c in s) + any(c.isdigit() for c in s)
-    )
-    return classes == 3 and _entropy(s) >= _ENTROPY_BITS and _wordiness(s) < _WORDY
+    mixed = _UPPER.search(s) and _LOWER.search(s) and _DIGIT.search(s)
+    return bool(mixed) and _entropy(s) >= _ENTROPY_BITS and _wordiness(s) < _WORDY
 
 
 def is_redaction(value: object) -> bool:
@@ -208,8 +213,9 @@ class Redactor:
         for known in self._known:
             if known in text:
                 text = text.replace(known, self._inline(known))
-        for pattern in _PATTERNS:
-            text = pattern.sub(lambda m: self._inline(m.group(0)), text)
+        if len(text) < _MIN_SECRET:
+            return text
+        text = _SHAPED.sub(lambda m: self._inline(m.group(0)), text)
         text = _AUTH_SCHEME.sub(
             lambda m: m.group(1) + m.group(2) + self._keep_marks(m.group(3)), text
         )
@@ -231,7 +237,7 @@ class Redactor:
     def _whole_secret(self, text: str) -> bool:
         if text in self._known:
             return True
-        if any(p.fullmatch(text) for p in _PATTERNS):
+        if _SHAPED.fullmatch(text):
             return True
         if _AUTH_SCHEME.fullmatch(text):
             return True
