@@ -18,8 +18,8 @@ markup: nothing is escaped here (the review page escapes on output).
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import hmac
 import itertools
 import math
