@@ -27,6 +27,9 @@ from broker.store.sql import SqlStore, open_store
 __all__ = [
     "DEFAULT_POSTGRES_URL",
     "make_agent",
+    "create_migrated_template",
+    "create_postgres_database",
+    "drop_postgres_database",
     "migrated_store",
     "postgres_admin_url",
     "sqlite_url",
@@ -47,28 +50,69 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @asynccontextmanager
-async def temporary_postgres_url(admin_url: str | None = None) -> AsyncIterator[str]:
+async def temporary_postgres_url(
+    admin_url: str | None = None, *, template: str | None = None
+) -> AsyncIterator[str]:
     """Create ``broker_test_<random>``, yield its ``postgresql+asyncpg://`` URL, then drop it.
 
-    The database is dropped ``WITH (FORCE)`` even when the body fails or leaks connections.
+    ``template`` names a database to copy (see `create_migrated_template`); nobody may be
+    connected to it meanwhile. The database is dropped ``WITH (FORCE)`` even when the body fails
+    or leaks connections.
     """
-    admin = (admin_url or postgres_admin_url()).replace("postgresql+asyncpg://", "postgresql://")
-    name = f"broker_test_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(admin, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    parts = urlsplit(admin)
-    url = urlunsplit(parts._replace(scheme="postgresql+asyncpg", path=f"/{name}"))
+    url = await create_postgres_database(admin_url, template=template)
     try:
         yield url
     finally:
-        conn = await asyncpg.connect(admin, timeout=10)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await drop_postgres_database(url, admin_url)
+
+
+async def create_postgres_database(
+    admin_url: str | None = None, *, template: str | None = None
+) -> str:
+    """Create ``broker_test_<random>`` (a copy of ``template`` if given); return its store URL."""
+    admin = _libpq(admin_url or postgres_admin_url())
+    name = f"broker_test_{secrets.token_hex(6)}"
+    copy = f' TEMPLATE "{template}"' if template else ""
+    conn = await asyncpg.connect(admin, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
+    finally:
+        await conn.close()
+    return _database_url(admin, name)
+
+
+async def drop_postgres_database(url: str, admin_url: str | None = None) -> None:
+    """Drop the database ``url`` names, forcing its connections closed; absent is fine."""
+    name = urlsplit(url).path.lstrip("/")
+    conn = await asyncpg.connect(_libpq(admin_url or postgres_admin_url()), timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def create_migrated_template(admin_url: str | None = None) -> str:
+    """Create and migrate a database to pass as ``template=``; returns its store URL.
+
+    Copying it skips migrating each test's database. Drop it with `drop_postgres_database`.
+    """
+    url = await create_postgres_database(admin_url)
+    try:
+        async with migrated_store(url, pool_size=1, max_overflow=0):
+            pass
+    except BaseException:
+        await drop_postgres_database(url, admin_url)
+        raise
+    return url
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+def _database_url(admin: str, name: str) -> str:
+    parts = urlsplit(admin)
+    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", path=f"/{name}"))
 
 
 @asynccontextmanager

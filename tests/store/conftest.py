@@ -1,17 +1,36 @@
 """A real, migrated store per test on each backend: SQLite in tmp_path, PostgreSQL in a fresh
-database (marked ``postgres``)."""
+database (marked ``postgres``) copied from a migrated template made once per run."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from broker.store import SqlStore
-from broker.store.testing import migrated_store, sqlite_url, temporary_postgres_url
+from broker.store.testing import (
+    create_migrated_template,
+    drop_postgres_database,
+    migrated_store,
+    sqlite_url,
+    temporary_postgres_url,
+)
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """The name of a migrated database; made lazily, in a thread of its own, once per run."""
+    with ThreadPoolExecutor(1) as pool:
+        url = pool.submit(asyncio.run, create_migrated_template()).result(timeout=60)
+        try:
+            yield url.rsplit("/", 1)[1]
+        finally:
+            pool.submit(asyncio.run, drop_postgres_database(url)).result(timeout=60)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -24,7 +43,16 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
             yield url
 
 
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[SqlStore]:
-    async with migrated_store(store_url) as s:
-        yield s
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """A migrated store on each backend."""
+    if request.param == "sqlite":
+        async with migrated_store(sqlite_url(tmp_path)) as s:
+            yield s
+    else:
+        template: str = request.getfixturevalue("postgres_template")
+        async with (
+            temporary_postgres_url(template=template) as url,
+            migrated_store(url) as s,
+        ):
+            yield s
