@@ -143,12 +143,43 @@ class Constraint:
 
     path: str
     operators: tuple[tuple[str, object], ...]
-    head: str = field(repr=False, compare=False)
-    steps: tuple[str | None, ...] = field(repr=False, compare=False)
-    canonicaliser: str | None = field(repr=False, compare=False)
-    roots: tuple[tuple[str, ...], ...] = field(repr=False, compare=False)
-    url_rules: tuple[UrlRule, ...] = field(repr=False, compare=False)
-    checks: tuple[tuple[str, _Check], ...] = field(repr=False, compare=False)
+    plan: _Plan = field(repr=False, compare=False)
+
+
+class _Plan:
+    """The compiled form of a `Constraint`: what to walk, how to canonicalise, what to check."""
+
+    __slots__ = ("canonicaliser", "checks", "head", "roots", "steps", "url_rules")
+
+    def __init__(
+        self,
+        head: str,
+        steps: tuple[str | None, ...],
+        canonicaliser: str | None,
+        roots: tuple[tuple[str, ...], ...],
+        url_rules: tuple[UrlRule, ...],
+        checks: tuple[tuple[str, _Check], ...],
+    ) -> None:
+        self.head = head
+        self.steps = steps
+        self.canonicaliser = canonicaliser
+        self.roots = roots
+        self.url_rules = url_rules
+        self.checks = checks
+
+    def merged(self, other: _Plan) -> _Plan:
+        """Both plans on the same path; one canonical form, or `conflict` when they disagree."""
+        canonicaliser = self.canonicaliser
+        if other.canonicaliser is not None and other.canonicaliser != canonicaliser:
+            canonicaliser = other.canonicaliser if canonicaliser is None else "conflict"
+        return _Plan(
+            self.head,
+            self.steps,
+            canonicaliser,
+            self.roots + other.roots,
+            self.url_rules + other.url_rules,
+            self.checks + other.checks,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,24 +195,16 @@ class Constraints:
         for constraints in sets:
             for item in constraints.items:
                 existing = merged.get(item.path)
-                merged[item.path] = item if existing is None else _merge(existing, item)
+                merged[item.path] = (
+                    item
+                    if existing is None
+                    else Constraint(
+                        item.path,
+                        existing.operators + item.operators,
+                        existing.plan.merged(item.plan),
+                    )
+                )
         return cls(tuple(merged.values()))
-
-
-def _merge(a: Constraint, b: Constraint) -> Constraint:
-    canonicaliser = a.canonicaliser
-    if b.canonicaliser is not None and b.canonicaliser != canonicaliser:
-        canonicaliser = b.canonicaliser if canonicaliser is None else "conflict"
-    return Constraint(
-        a.path,
-        a.operators + b.operators,
-        a.head,
-        a.steps,
-        canonicaliser,
-        a.roots + b.roots,
-        a.url_rules + b.url_rules,
-        a.checks + b.checks,
-    )
 
 
 def check_arguments(
@@ -196,12 +219,20 @@ def check_arguments(
     symlinks for `within` (it is called with canonical paths and roots; OSError or ValueError
     from it is a violation).
     """
-    if not isinstance(constraints, Constraints):
-        constraints = constraints[0] if len(constraints) == 1 else Constraints.all_of(constraints)
+    plans: Iterable[_Plan]
+    if isinstance(constraints, Constraints):
+        plans = [item.plan for item in constraints.items]
+    else:
+        by_path: dict[str, _Plan] = {}
+        for each in constraints:
+            for item in each.items:
+                existing = by_path.get(item.path)
+                by_path[item.path] = item.plan if existing is None else existing.merged(item.plan)
+        plans = by_path.values()
     copied = _copy_object(arguments)
     violations: list[Violation] = []
     resolver = None if realpath is None else _Resolver(realpath)
-    for constraint in constraints.items:
+    for constraint in plans:
         head = constraint.head
         if len(constraint.steps) > 1:
             _walk_object(constraint, copied, 0, head, "", violations, resolver)
@@ -235,7 +266,7 @@ def _copy_array(value: list[JSONValue]) -> list[JSONValue]:
 
 
 def _walk_object(
-    constraint: Constraint,
+    constraint: _Plan,
     node: dict[str, JSONValue],
     index: int,
     name: str,
@@ -255,7 +286,7 @@ def _walk_object(
 
 
 def _walk_value(
-    constraint: Constraint,
+    constraint: _Plan,
     node: JSONValue,
     index: int,
     where: str,
@@ -300,7 +331,7 @@ class _Resolver:
 
 
 def _check_leaf(
-    constraint: Constraint,
+    constraint: _Plan,
     value: JSONValue,
     where: str,
     violations: list[Violation],
@@ -462,15 +493,16 @@ def _parse_constraint(arg_path: ArgPath, operators: object, spec: _Spec) -> Cons
         else:
             raise spec.error(f"an operator among {', '.join(OPERATORS)}", name)
     canonicaliser = "path" if roots else "url" if url_rules else None
-    return Constraint(
-        arg_path.text,
-        tuple((name, _freeze(operand)) for name, operand in entries),
+    plan = _Plan(
         arg_path.head,
         arg_path.steps,
         canonicaliser,
         tuple(roots),
         tuple(url_rules),
         tuple(checks),
+    )
+    return Constraint(
+        arg_path.text, tuple((name, _freeze(operand)) for name, operand in entries), plan
     )
 
 

@@ -43,6 +43,11 @@ def grants_for(
     """
     found: list[Grant] = []
     for item in items:
-        grants = item.grants if isinstance(item, ScopeDefinition) else (item,)
-        found.extend(grant for grant in grants if grant.covers(connector, tool))
+        if isinstance(item, Grant):
+            if item.connector == connector and item.tool_patterns.matches(tool):
+                found.append(item)
+            continue
+        for grant in item.grants:
+            if grant.connector == connector and grant.tool_patterns.matches(tool):
+                found.append(grant)
     return tuple(found)
