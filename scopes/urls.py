@@ -382,6 +382,8 @@ _V6_NETWORKS: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple(
         ("ff00::/8", "multicast"),
     )
 )
+# Outside 2000::/3 nothing is global unicast (the ranges above name the common exceptions).
+_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 _EMBEDS_V4 = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("64:ff9b::/96"))
 _METADATA = frozenset(
     {
@@ -397,7 +399,7 @@ def ip_category(address: IPAddress) -> str | None:
     """Name the non-public range `address` falls in (`metadata`, `loopback`, ...), or None.
 
     IPv4-mapped (`::ffff:0:0/96`) and NAT64 (`64:ff9b::/96`) addresses are judged by the IPv4
-    address they carry.
+    address they carry; any other IPv6 address outside global unicast (`2000::/3`) is reserved.
     """
     if address in _METADATA:
         return "metadata"
@@ -407,7 +409,7 @@ def ip_category(address: IPAddress) -> str | None:
         for net6, category in _V6_NETWORKS:
             if address in net6:
                 return category
-        return None
+        return None if address in _GLOBAL_UNICAST else "reserved"
     for net4, category in _V4_NETWORKS:
         if address in net4:
             return category

@@ -289,6 +289,9 @@ IP_VERDICTS = [
     ("http://[2002:7f00:1::]/", "reserved"),
     ("http://[2001::1]/", "reserved"),
     ("http://192.0.2.1/", "documentation"),
+    ("http://[::ffff:0:7f00:1]/", "reserved"),
+    ("http://[4000::1]/", "reserved"),
+    ("http://[::127.0.0.1]/", "reserved"),
 ]
 
 
@@ -321,6 +324,9 @@ IP_VERDICTS = [
         "6to4",
         "teredo",
         "documentation",
+        "ipv4-translated",
+        "outside-global-unicast",
+        "ipv4-compatible",
     ],
 )
 def test_url_refuses_non_public_ip_unless_allow_private(url: str, category: str) -> None:
