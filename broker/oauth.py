@@ -238,6 +238,10 @@ def oauth_routes(
     """The authorization-server routes; mount them before the MCP app's ``Mount("/")``."""
 
     async def token(request: Request) -> Response:
+        if request.method != "POST":
+            # Answered here rather than by routing, so a catch-all mount behind us cannot.
+            return _error("invalid_request", "the token endpoint accepts POST only", 405,
+                          {"Allow": "POST"})  # fmt: skip
         try:
             form = await _read_form(request, max_body_bytes)
             return await _grant(service, request, form)
@@ -272,14 +276,14 @@ def oauth_routes(
 
     async def jwks(request: Request) -> Response:
         try:
-            body = service.keyring.jwks()
+            body = service.keyring.jwks(service.clock.now())
         except Exception:
             logger.exception("jwks failed")
             return _error("server_error", "internal error", 500)
         return JSONResponse(body, headers={"Cache-Control": "max-age=60"})
 
     return [
-        Route(TOKEN_PATH, token, methods=["POST"]),
+        Route(TOKEN_PATH, token, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         Route(AUTHORIZE_PATH, authorize, methods=["GET", "POST"]),
         Route("/.well-known/oauth-authorization-server", as_metadata, methods=["GET"]),
         Route(JWKS_PATH, jwks, methods=["GET"]),
