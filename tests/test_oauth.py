@@ -211,10 +211,13 @@ async def _build_app(
     mcp_app = server.streamable_http_app(
         streamable_http_path="/mcp",
         host="127.0.0.1",
-        auth=AuthSettings(
-            issuer_url=config.server.base_url,
-            resource_server_url=config.server.resource_url,
-            validate_token_resource=False,
+        # Strings, not AnyHttpUrl: a path-less issuer must keep its exact form (pitfall 8).
+        auth=AuthSettings.model_validate(
+            {
+                "issuer_url": config.server.base_url,
+                "resource_server_url": config.server.resource_url,
+                "validate_token_resource": False,
+            }
         ),
         token_verifier=verifier,
     )
