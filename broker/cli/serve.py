@@ -31,6 +31,11 @@ def _time_command() -> str:
     return found or "mcp-server-time"
 
 
+def _private_files() -> None:
+    """Files the broker creates (the SQLite store and its WAL, keys) are readable by it alone."""
+    os.umask(0o077)
+
+
 def init(
     config: ConfigOption = Path("broker.toml"),
     examples: Annotated[
@@ -40,6 +45,8 @@ def init(
 ) -> None:
     """Write a commented broker.toml, a signing key and the store; print a first admin token."""
     from broker.templates import CONFIG_TEMPLATE, EXAMPLE_CONNECTORS, EXAMPLE_SCOPES
+
+    _private_files()
 
     if config.exists() and not force:
         fail(f"{config} already exists (use --force to overwrite it)")
@@ -69,8 +76,30 @@ def init(
         return raw
 
     raw = run(body)
+    if examples:
+        _approve_examples(config)
     console.print("first admin token (shown once, store it now):")
     console.print(f"  {raw}", markup=False)
+
+
+def _approve_examples(config: Path) -> None:
+    """Approve the example connectors' tools as first seen: the operator chose them by --examples.
+
+    Every other connector's tools stay hidden until `broker connectors approve` is run for them.
+    """
+    from broker.cli.connectors import approve
+
+    console.print("approving the example connectors' tools (first registration):")
+    for connector_id in ("time", "demo"):
+        approve(
+            connector_id=connector_id,
+            tools=None,
+            approve_all=True,
+            refresh=True,
+            yes=True,
+            config=config,
+            json_out=False,
+        )
 
 
 def serve(
@@ -84,6 +113,7 @@ def serve(
     from broker.app import create_app
     from broker.logs import configure_logging
 
+    _private_files()
     cfg = load(config)
     if host is not None or port is not None:
         server = cfg.server.model_copy(
