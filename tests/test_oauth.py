@@ -233,8 +233,16 @@ async def _build_app(
 
 @asynccontextmanager
 async def running_broker(
-    store: SqlStore, tmp_path: Path, *, clock: Clock | None = None, **tokens: Any
+    store: SqlStore,
+    tmp_path: Path,
+    *,
+    clock: Clock | None = None,
+    real_app: bool = False,
+    scope_files: tuple[Path, ...] = (),
+    **tokens: Any,
 ) -> AsyncIterator[Broker]:
+    """A served broker; ``real_app`` serves ``broker.app.create_app`` instead of the stand-in
+    (whose MCP endpoint has a ``whoami`` tool the real front does not)."""
     clock = clock or SystemClock()
     late = _LateApp()
     async with serve_app(late) as url, AsyncExitStack() as stack:
@@ -242,9 +250,22 @@ async def running_broker(
             server=ServerConfig(public_url=url),
             store=StoreConfig(url="sqlite+aiosqlite:///unused.db"),
             tokens=TokenConfig(keys_dir=tmp_path / "keys", **tokens),
+            scope_files=scope_files,
         )
-        app, service, verifier, revocations = await _build_app(config, store, clock, stack)
-        await stack.enter_async_context(app.router.lifespan_context(app))
+        if real_app:
+            from broker.app import create_app
+
+            app = create_app(config, store=store, clock=clock, environ={})
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            services = app.state.services
+            service, verifier, revocations = (
+                services.tokens,
+                services.verifier,
+                services.revocations,
+            )
+        else:
+            app, service, verifier, revocations = await _build_app(config, store, clock, stack)
+            await stack.enter_async_context(app.router.lifespan_context(app))
         late.app = app
         yield Broker(url, config, store, service, verifier, revocations)
 
@@ -259,10 +280,10 @@ async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
 
 
 @asynccontextmanager
-async def running(store: SqlStore, tmp_path: Path, **tokens: Any) -> AsyncIterator[Broker]:
+async def running(store: SqlStore, tmp_path: Path, **kw: Any) -> AsyncIterator[Broker]:
     """`running_broker` under a bound (entered in the test's own task: it holds task groups)."""
     with anyio.fail_after(30):
-        async with running_broker(store, tmp_path, **tokens) as broker:
+        async with running_broker(store, tmp_path, **kw) as broker:
             yield broker
 
 
@@ -298,6 +319,27 @@ async def test_a_stock_sdk_client_with_client_credentials_finds_its_way_and_call
         # so the token carries the agent's registered scopes; what was granted is recorded.
         assert set(who["scopes"]) == set(tokens[0].scopes)
         assert set(tokens[0].scopes) <= {"time:read", "demo:use"}
+
+
+async def test_the_stock_client_gets_a_token_from_the_real_app(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    scopes = tmp_path / "scopes.toml"
+    scopes.write_text(
+        '[[scope]]\nname = "time:read"\ndescription = "time"\n'
+        '[[scope.grant]]\nconnector = "time"\ntools = ["get_current_time"]\n',
+        encoding="utf-8",
+    )
+    async with running(store, tmp_path, real_app=True, scope_files=(scopes,)) as broker:
+        agent, secret = await broker.add_agent("stock", ["time:read"])
+        auth = _provider(broker, agent.id, secret, "time:read")
+        async with (
+            httpx2.AsyncClient(auth=auth, timeout=10) as http,
+            Client(streamable_http_client(broker.mcp_url, http_client=http)) as client,
+        ):
+            await client.list_tools()
+        tokens = await broker.store.list_tokens(agent_id=agent.id)
+        assert [t.scopes for t in tokens] == [("time:read",)]
 
 
 async def test_a_stock_sdk_client_with_private_key_jwt_gets_a_token(
