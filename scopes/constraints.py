@@ -57,6 +57,8 @@ Realpath: TypeAlias = Callable[[str], str]
 _Check: TypeAlias = Callable[[JSONValue], "str | None"]
 
 OPERATORS = ("equals", "max_length", "no_flag", "one_of", "pattern", "range", "url", "within")
+_MAX_PATTERN = 1024
+_MAX_PATTERN_INPUT = 4096
 _URL_KEYS = ("allow_ip_literals", "allow_private", "hosts", "ports", "schemes")
 
 
@@ -638,19 +640,74 @@ def _parse_equals(operand: object, spec: _Spec) -> _Check:
 
 
 def _parse_pattern(operand: object, spec: _Spec) -> _Check:
-    if not isinstance(operand, str):
-        raise spec.error("a regular expression (string)", operand)
+    if not isinstance(operand, str) or len(operand) > _MAX_PATTERN:
+        raise spec.error(f"a regular expression of at most {_MAX_PATTERN} characters", operand)
     try:
         compiled = re.compile(operand)
     except re.error as exc:
         raise spec.error(f"a valid regular expression ({exc})", operand) from None
+    if _has_nested_repeat(operand):
+        raise spec.error(
+            "a regular expression without a repeated group that itself repeats, such as (a+)+",
+            operand,
+        )
 
     def check(value: JSONValue) -> str | None:
         if not isinstance(value, str):
             return "expected a string"
+        if len(value) > _MAX_PATTERN_INPUT:
+            return f"expected at most {_MAX_PATTERN_INPUT} characters for a pattern match"
         return None if compiled.fullmatch(value) else "expected a string matching the pattern"
 
     return check
+
+
+_REPEAT_BRACE = re.compile(r"\{[0-9]*(?:,[0-9]*)?\}")
+
+
+def _has_nested_repeat(pattern: str) -> bool:
+    """Whether a group containing `*`, `+` or `{m,n}` is itself repeated, like `(a+)+`.
+
+    Such patterns backtrack catastrophically. A heuristic over a pattern `re` already compiled:
+    escapes and character classes are skipped; overlapping alternations such as `(a|aa)*`, and
+    verbose-mode tricks, are not caught.
+    """
+    inside: list[bool] = [False]  # per open group: does it contain a repeat?
+    group_repeats = False  # the atom just closed is a group containing a repeat
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        repeat = char in "*+" or (char == "{" and _REPEAT_BRACE.match(pattern, index) is not None)
+        if repeat and group_repeats:
+            return True
+        group_repeats = False
+        if repeat:
+            inside[-1] = True
+        elif char == "\\":
+            index += 1
+        elif char == "[":
+            index = _class_end(pattern, index)
+        elif char == "(":
+            inside.append(False)
+            if pattern.startswith("?", index + 1):
+                index += 1
+        elif char == ")":
+            group_repeats = inside.pop() if len(inside) > 1 else False
+            inside[-1] = inside[-1] or group_repeats
+        index += 1
+    return False
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Index of the `]` closing the character class opened at `start`."""
+    index = start + 1
+    if pattern.startswith("^", index):
+        index += 1
+    if pattern.startswith("]", index):
+        index += 1
+    while pattern[index] != "]":
+        index += 2 if pattern[index] == "\\" else 1
+    return index
 
 
 def _parse_range(operand: object, spec: _Spec) -> _Check:

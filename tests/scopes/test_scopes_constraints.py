@@ -7,6 +7,7 @@ import pytest
 from scopes import (
     Constraints,
     JSONValue,
+    ScopeSyntaxError,
     Violation,
     check_arguments,
     parse_authorization_details,
@@ -338,3 +339,65 @@ def test_constraints_are_immutable_hashable_values() -> None:
         [{"type": "tool_call", "connector": "c", "tools": ["t"], "args": table}]
     )
     assert len({grants[0], grants[0]}) == 1
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["(a+)+$", "(a*)*", "((ab)*c)+", "(?:a+){2,}", "(x+x+)+y", "([a-z]+)*", "(a{2,})+"],
+    ids=[
+        "plus-plus",
+        "star-star",
+        "nested-groups",
+        "brace",
+        "two-inner",
+        "class-inner",
+        "inner-brace",
+    ],
+)
+def test_patterns_with_a_repeated_repeating_group_are_refused(pattern: str) -> None:
+    with pytest.raises(ScopeSyntaxError, match="repeated group"):
+        parse_constraints({"a": {"pattern": pattern}})
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "[a-z]+",
+        "(ab)+",
+        "a+b+",
+        "(?:foo|bar)+",
+        "[(+)]+",
+        "\\(a+\\)+",
+        "a{2,3}(b)+",
+        "(?P<n>a)+",
+        "(a+)?",
+        "[]a+]+",
+        "[^]+]*(a)+",
+        "(?x)(a) # ) comment",
+    ],
+    ids=[
+        "class",
+        "plain-group",
+        "sequence",
+        "alternation",
+        "parens-in-class",
+        "escaped-parens",
+        "brace-then-group",
+        "named-group",
+        "optional-group",
+        "bracket-first-in-class",
+        "negated-bracket-first",
+        "verbose-comment",
+    ],
+)
+def test_ordinary_patterns_are_accepted(pattern: str) -> None:
+    assert parse_constraints({"a": {"pattern": pattern}}).items
+
+
+def test_pattern_operand_and_checked_value_lengths_are_bounded() -> None:
+    with pytest.raises(ScopeSyntaxError, match="at most 1024 characters"):
+        parse_constraints({"a": {"pattern": "a" * 1025}})
+    constraints = parse_constraints({"a": {"pattern": "a*"}})
+    assert check_arguments(constraints, {"a": "a" * 4096}).ok
+    (violation,) = check_arguments(constraints, {"a": "a" * 4097}).violations
+    assert violation.message == "expected at most 4096 characters for a pattern match"

@@ -196,7 +196,7 @@ OPERAND_ERRORS = [
     ('within = "/srv/%2e"', "within", "path rules", None),
     ('within = "/a", url = { hosts = ["x.com"] }', None, "either 'within' or 'url'", None),
     ('pattern = "(unclosed"', "pattern", "a valid regular expression", "'(unclosed'"),
-    ("pattern = 1", "pattern", "a regular expression (string)", None),
+    ("pattern = 1", "pattern", "a regular expression of at most 1024", None),
     ("range = { min = 5, max = 1 }", "range", "min <= max", None),
     ("range = { min = true }", "range.min", "a finite number", "True"),
     ("range = { min = nan }", "range.min", "a finite number", None),

@@ -107,7 +107,8 @@ tools = ["git_status", "git_log"]
 
 def test_grants_for_returns_every_alternative_in_order() -> None:
     extra = Grant("token[0]", "files", ("read_text_file",), Constraints())
-    found = grants_for([*DEFINITIONS, extra], "files", "read_text_file")
+    other = Grant("token[1]", "git", ("*",), Constraints())
+    found = grants_for([*DEFINITIONS, extra, other], "files", "read_text_file")
     assert [g.id for g in found] == [
         "files:read/grant[0]",
         "files:read/grant[1]",

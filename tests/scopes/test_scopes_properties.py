@@ -64,7 +64,7 @@ def _canonical_or_none(path: str) -> str | None:
         return None
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(PATHS)
 def test_accepted_paths_are_canonical_idempotent_and_clean(path: str) -> None:
     canonical = _canonical_or_none(path)
@@ -80,7 +80,7 @@ def test_accepted_paths_are_canonical_idempotent_and_clean(path: str) -> None:
     assert all(unicodedata.category(char)[0] != "C" for char in canonical)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(PATHS | st.text(max_size=30))
 def test_path_fast_path_agrees_with_the_full_canonicaliser(path: str) -> None:
     try:
@@ -90,7 +90,7 @@ def test_path_fast_path_agrees_with_the_full_canonicaliser(path: str) -> None:
     assert _canonical_or_none(path) == slow
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(PATHS, ROOTS)
 def test_within_holds_exactly_when_components_start_with_the_root(path: str, root: str) -> None:
     result = check_arguments(parse_constraints({"p": {"within": root}}), {"p": path})
@@ -106,7 +106,7 @@ def test_within_holds_exactly_when_components_start_with_the_root(path: str, roo
         assert result.arguments == {"p": canonical}
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.text(max_size=40))
 def test_canonicalisers_only_ever_raise_canonicalisation_error(text: str) -> None:
     for canonicalise in (canonical_path, canonical_url):
@@ -181,7 +181,7 @@ def _parsed_or_none(url: str) -> object:
         return None
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(URLS)
 def test_accepted_urls_reparse_to_the_same_canonical_url(url: str) -> None:
     parsed = _parsed_or_none(url)
@@ -200,7 +200,7 @@ def test_accepted_urls_reparse_to_the_same_canonical_url(url: str) -> None:
     assert "\\" not in canonical
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(URLS)
 def test_urls_passing_the_constraint_have_a_listed_host(url: str) -> None:
     constraints = parse_constraints({"u": {"url": {"hosts": ["example.com", "*.example.org"]}}})
@@ -225,7 +225,7 @@ def _format_part(value: int, radix: int, upper: bool) -> str:
     return str(value)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     st.integers(min_value=1, max_value=4).flatmap(
         lambda count: st.tuples(
@@ -285,7 +285,7 @@ def _reference_ipv4(host: str) -> int | None:
     return int.from_bytes(packed, "big")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.text(alphabet="0123456789abcdefxX.", min_size=1, max_size=24))
 def test_ipv4_parsing_agrees_with_an_independent_reference(host: str) -> None:
     reference = _reference_ipv4(host)
@@ -308,7 +308,7 @@ VALUE_CONSTRAINTS = parse_constraints(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.text(alphabet=string.printable + "\u00e9\u2215\uff0f", max_size=20))
 def test_violation_messages_never_repeat_the_argument(text: str) -> None:
     value = "Zq" + text
