@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from broker.cli._common import (
     ConfigOption,
@@ -170,7 +170,9 @@ def list_agents(config: ConfigOption = Path("broker.toml"), json_out: JsonOption
     if json_out:
         emit_json([agent_json(a) for a in agents])
         return
-    table = Table("id", "name", "status", "owner", "scopes", "max TTL", "auth")
+    # Ids are copied into other commands: never truncate them.
+    id_column = Column("id", no_wrap=True, min_width=24)
+    table = Table(id_column, "name", "status", "owner", "scopes", "max TTL", "auth")
     for a in agents:
         status = a.status.value if a.is_active else f"[red]{a.status.value}[/]"
         table.add_row(
