@@ -15,6 +15,15 @@ booleans and non-finite numbers. `max_length` counts code points of strings and 
 element or any non-string element. `within` roots must be written in canonical form. With a
 `realpath` resolver, a path is checked both as written and as resolved (against the resolved
 roots), and the resolved form is what gets forwarded. Violation messages never contain values.
+`pattern` uses `re.fullmatch`; a pattern is at most 1024 characters and may not repeat a group
+that itself repeats (`(a+)+`), and values longer than 4096 characters fail it, because patterns
+may come from an agent's own token request and `re` has no timeout.
+
+`url` host rules: `hosts` lists exact names, `*.name` (any subdomain, not the name itself), `*`
+(any domain name) and IP literals. A URL whose host is an IP literal passes only if it is listed
+exactly, or if `allow_ip_literals` is true and `*` is listed; non-public ranges also need
+`allow_private`, and cloud metadata addresses pass only when listed exactly. `localhost` and
+`*.localhost` count as loopback names. Without `ports`, only the scheme's default port passes.
 """
 
 from __future__ import annotations
