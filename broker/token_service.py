@@ -12,10 +12,12 @@ Decisions (see also `broker.oauth`):
   `derive_child_claims` uses for an agent that is not active).
 - **Scope.** When ``scope`` is given, every name must be among the agent's allowed scopes (and
   among the defined scopes when scope files are configured): else ``invalid_scope``. When it is
-  omitted, the token carries the agent's registered scopes (RFC 6749 §3.3 "pre-defined
-  default"): the stock SDK ``ClientCredentialsOAuthProvider`` drops the scope it was configured
-  with unless the resource advertises ``scopes_supported`` (mcp-sdk-notes pitfall 20), and the
-  broker advertises none. The response's ``scope`` always says what was granted.
+  omitted, the token carries the agent's registered scopes that are defined and need no human
+  approval (RFC 6749 §3.3 "pre-defined default"; none left is ``invalid_scope``). Why not
+  require it: SDK 2.3's stock ``ClientCredentialsOAuthProvider`` replaces the scope it was
+  configured with by what discovery advertises, so with nothing advertised (pitfall 20) it sends
+  no scope at all; requiring one would lock stock clients out. Agents that want a narrower token
+  name its scopes. The response's ``scope`` always says what was granted.
 - **Scopes that need human approval** (``approval = "token"``) are refused with
   ``access_denied`` until approvals exist (fail closed).
 - **TTL** is ``min(expires_in or tokens.default_ttl, agent.max_ttl_seconds, tokens.max_ttl)``.
@@ -166,6 +168,20 @@ class TokenService:
                 f"scope needs human approval before a token is issued: {' '.join(gated)}",
             )
 
+    def _default_scopes(self, agent: Agent) -> tuple[str, ...]:
+        """The agent's registered scopes that can be granted without a human (omitted scope)."""
+        defs = self.scope_definitions
+        names = tuple(
+            n
+            for n in agent.allowed_scopes
+            if defs is None or (n in defs and str(getattr(defs[n], "approval", "none")) != "token")
+        )
+        if not names:
+            raise OAuthError(
+                "invalid_scope", "name the scopes this task needs in the 'scope' parameter"
+            )
+        return names
+
     def _check_details(self, details: Sequence[Mapping[str, Any]] | None) -> None:
         if details is None:
             return
@@ -234,7 +250,7 @@ class TokenService:
         self._check_status(agent)
         self._check_resource(resource)
         requested = _scope_list(scope)
-        names = agent.allowed_scopes if requested is None else requested
+        names = self._default_scopes(agent) if requested is None else requested
         refused = [n for n in names if n not in agent.allowed_scopes]
         if refused:
             raise OAuthError(

@@ -159,6 +159,12 @@ async def test_defined_scopes_are_checked_and_approval_gated_ones_refused(
     with pytest.raises(OAuthError) as gated:
         await parts.service.client_credentials(agent, scope="files:delete")
     assert gated.value.error == "access_denied"
+    # An omitted scope grants only what is defined and needs no human.
+    assert (await parts.service.client_credentials(agent)).scope == "files:read"
+    only_gated = await parts.agent("careful", ["files:delete"])
+    with pytest.raises(OAuthError) as none_left:
+        await parts.service.client_credentials(only_gated)
+    assert none_left.value.error == "invalid_scope"
 
 
 @pytest.mark.parametrize(
