@@ -28,7 +28,7 @@ from broker.agents import (
 )
 from broker.errors import ClientAuthFailed, OAuthError
 from broker.store import SqlStore
-from broker.store.testing import migrated_store, sqlite_url
+from broker.store.testing import migrated_store, sqlite_url, temporary_postgres_url
 
 ISSUER = "http://127.0.0.1:8765"
 TOKEN_URL = ISSUER + "/oauth/token"
@@ -327,3 +327,24 @@ async def test_methods_are_bound_to_the_registration(store: SqlStore, now: datet
         await auth(store, {}, basic(signer.id, "anything"), now)
     with pytest.raises(ClientAuthFailed):
         await auth(store, jwt_form(assertion(key, secret_agent.id, now)), {}, now)
+
+
+@pytest.mark.postgres
+async def test_an_assertion_replayed_to_another_replica_is_refused_on_postgres(
+    now: datetime,
+) -> None:
+    # Two stores on one PostgreSQL database stand for two broker replicas.
+    async with (
+        temporary_postgres_url() as url,
+        migrated_store(url) as first,
+        migrated_store(url) as second,
+    ):
+        key = Ed25519PrivateKey.generate()
+        agent, _ = await register_agent(
+            first, name="signer", owner="ops", scopes=["a"], max_ttl=600,
+            public_jwk=ed25519_jwk(key), now=now,
+        )  # fmt: skip
+        token = assertion(key, agent.id, now)
+        assert (await auth(first, jwt_form(token), {}, now)).id == agent.id
+        with pytest.raises(ClientAuthFailed):
+            await auth(second, jwt_form(token), {}, now)
