@@ -1,18 +1,21 @@
 """The broker as an MCP server: the low-level `mcp.server.Server` agents talk to, and its HTTP app.
 
-Shell adapter over the `Registry` snapshot. Every method is mediated and denies by default:
+Shell adapter: MCP requests in, `broker.mediation.Mediator` decisions out. Every method is
+mediated and denies by default:
 
-- ``tools/list`` shows a caller only the enabled tools some grant of its token's scopes covers
-  (coarse: connector and tool name; argument constraints are checked per call by mediation).
-- ``tools/call`` goes through `McpFront.call_tool`, the one call path: principal -> route ->
-  coarse scope check -> pin status -> forward (progress relayed, cancellation flowing through)
-  -> result. A denial is a tool result with ``is_error`` whose text is only
-  ``denied (<reasons>); decision <id>``; an unknown tool and a forbidden one answer the same.
-- Resources, resource templates, prompts and completion (the non-tool methods) are reachable
-  only for connectors the caller holds a *connector-wide* grant for: a grant naming that
-  connector whose tools include ``"*"`` and that carries no argument constraints. A constrained
-  grant (``within = ...``) never opens the non-tool methods, since they would bypass the
-  constraint. Unknown and forbidden resources/prompts answer the same (-32602).
+- ``tools/list`` shows a caller only the enabled tools some grant of its token covers (and, when
+  the token narrows with ``authorization_details``, some detail too), with the approved
+  definitions exactly. Cached per token and registry snapshot.
+- ``tools/call`` goes through `Mediator.call_tool` (token -> route/pin -> decide -> limits ->
+  budget -> approval -> record -> forward canonical arguments -> output policy -> record); a
+  denial is a tool result with ``is_error`` whose text is only ``denied (<reasons>); decision
+  <id>`` (plus ``; retry after N s`` for rate limits). Unknown and forbidden tools answer alike.
+- Resources, resource templates, prompts and completion are reachable only for connectors the
+  caller holds a *connector-wide* grant for: a grant naming that connector whose tools include
+  ``"*"`` and that carries no argument constraints (and, for a token with
+  ``authorization_details``, such a detail too). A constrained grant never opens them, since
+  they would bypass the constraint. A revoked token reaches none. Unknown and forbidden answer
+  the same (-32602).
 - ``roots/list`` is never relayed: connectors answer their servers from configuration.
 
 Every handler catches its own exceptions (the 2025 path would send ``str(exc)`` otherwise) and
@@ -25,8 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -52,14 +62,26 @@ from mcp.shared.exceptions import MCPError
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 
-from broker.config import ServerConfig
+from broker.config import LimitsConfig, OutputConfig, ServerConfig
 from broker.core.decision import Reason
-from broker.principal import Principal, PrincipalLookup, principal_from_request
-from broker.registry import Registry, SnapshotChange, ToolRoute
-from connectors import CallTimeout, ConnectorError, JSONValue
-from scopes.model import Grant, ScopeDefinition
+from broker.mediation import (
+    CallApprovals,
+    CallContext,
+    CallObserver,
+    CallRecorder,
+    MediationStore,
+    Mediator,
+    TokenCheck,
+    denial,
+    new_decision_id,
+)
+from broker.ports import Clock
+from broker.principal import PrincipalCache, PrincipalLookup
+from broker.registry import Registry, SnapshotChange
+from connectors import CallTimeout, ConnectorError
+from scopes.model import ScopeDefinition
 
-__all__ = ["BROKER_VERSION", "McpFront", "ScopeAccess", "denial", "new_decision_id"]
+__all__ = ["BROKER_VERSION", "McpFront", "denial", "new_decision_id"]
 
 logger = logging.getLogger("broker.mcp_front")
 
@@ -69,59 +91,6 @@ LOOPBACK_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"
 _NOTIFY_TIMEOUT = 5.0
 
 R = TypeVar("R")
-
-
-def new_decision_id() -> str:
-    """A fresh, unguessable decision id (``dec_`` + 20 hex digits)."""
-    return "dec_" + secrets.token_hex(10)
-
-
-def denial(decision_id: str, *reasons: Reason) -> types.CallToolResult:
-    """The wire shape of a denied call: the reasons and the decision id, nothing more."""
-    text = f"denied ({','.join(sorted(reasons))}); decision {decision_id}"
-    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
-
-
-class ScopeAccess:
-    """The coarse scope check: which grants a principal's scopes give, cached per scope set.
-
-    Scope names the broker does not define grant nothing (fail closed).
-    """
-
-    def __init__(self, definitions: Sequence[ScopeDefinition]) -> None:
-        self._by_name = {d.name: d for d in definitions}
-        self._grants: dict[frozenset[str], tuple[Grant, ...]] = {}
-        self._wide: dict[frozenset[str], frozenset[str]] = {}
-
-    def grants(self, principal: Principal) -> tuple[Grant, ...]:
-        key = principal.scopes
-        found = self._grants.get(key)
-        if found is None:
-            found = tuple(
-                g
-                for name in sorted(key)
-                if name in self._by_name
-                for g in self._by_name[name].grants
-            )
-            self._grants[key] = found
-        return found
-
-    def may_call(self, principal: Principal, connector_id: str, tool_name: str) -> bool:
-        """Whether some grant covers ``tool_name`` (downstream name) of ``connector_id``."""
-        return any(g.covers(connector_id, tool_name) for g in self.grants(principal))
-
-    def wide_connectors(self, principal: Principal) -> frozenset[str]:
-        """Connectors the principal may use beyond tools (resources, prompts, completion)."""
-        key = principal.scopes
-        found = self._wide.get(key)
-        if found is None:
-            found = frozenset(
-                g.connector
-                for g in self.grants(principal)
-                if "*" in g.tools and not g.constraints.items
-            )
-            self._wide[key] = found
-        return found
 
 
 @dataclass(slots=True)
@@ -154,6 +123,10 @@ class McpFront:
     ``McpFront(registry, scope_definitions, verifier=..., server_config=...)``; mount
     `asgi_app()` and enter `lifespan()` in the host app's lifespan (after the registry started).
     In-process tests use ``Client(front.server, ...)`` with ``principal_lookup`` injected.
+
+    The mediation seams are optional so the front runs before it is fully wired (see
+    `broker.mediation.Mediator`); production passes ``recorder``, ``store``, ``revocations``
+    and ``clock``. ``revocations`` defaults to the verifier's revocation view when it has one.
     """
 
     def __init__(
@@ -163,20 +136,50 @@ class McpFront:
         *,
         verifier: TokenVerifier | None = None,
         server_config: ServerConfig | None = None,
-        principal_lookup: PrincipalLookup = principal_from_request,
+        principal_lookup: PrincipalLookup | None = None,
         bus: SubscriptionBus | None = None,
         json_response: bool = False,
         version: str = BROKER_VERSION,
+        clock: Clock | None = None,
+        revocations: TokenCheck | None = None,
+        store: MediationStore | None = None,
+        recorder: CallRecorder | None = None,
+        approvals: CallApprovals | None = None,
+        limits: LimitsConfig | None = None,
+        output: OutputConfig | None = None,
+        known_secrets: Iterable[str] = (),
+        local_connectors: Collection[str] = (),
+        observer: CallObserver | None = None,
+        transport: str = "stdio",
     ) -> None:
         self.registry = registry
-        self.access = ScopeAccess(scopes)
         self.verifier = verifier
         self.server_config = server_config or ServerConfig()
-        self.principal_lookup = principal_lookup
+        self._principals = PrincipalCache()
+        self.principal_lookup: PrincipalLookup = principal_lookup or self._principals.from_request
         self.bus: SubscriptionBus = bus or InMemorySubscriptionBus()
         self.json_response = json_response
+        self.transport = transport
+        if revocations is None:
+            revocations = getattr(verifier, "revocations", None)
+        if clock is None:
+            clock = getattr(verifier, "clock", None)
+        self.mediator = Mediator(
+            registry,
+            scopes,
+            clock=clock,
+            revocations=revocations,
+            store=store,
+            recorder=recorder,
+            approvals=approvals,
+            limits=limits,
+            output=output,
+            known_secrets=known_secrets,
+            local_connectors=local_connectors,
+            observer=observer,
+        )
         self._sessions: dict[object, _LegacySession] = {}
-        self._list_cache: dict[frozenset[str], tuple[int, types.ListToolsResult]] = {}
+        self._list_cache: dict[tuple[str, frozenset[str]], tuple[int, types.ListToolsResult]] = {}
         self._app: Starlette | None = None
         self.server = _BrokerServer(
             "mcp-authz-broker",
@@ -235,89 +238,45 @@ class McpFront:
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         """Run the streamable HTTP session manager (a mounted sub-app's lifespan never runs)."""
-        async with self.session_manager.run():
-            yield
+        try:
+            async with self.session_manager.run():
+                yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.mediator.close_sessions(reason="shutdown")
 
     # -- the call path -----------------------------------------------------------------------
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        """The one path of a tool call: who -> which route -> may they -> forward -> result.
-
-        Mediation replaces the coarse check below with ``decide()`` and records the outcome
-        under ``decision_id`` before the result is returned.
-        """
-        decision_id = new_decision_id()
+        """The one path of a tool call: the MCP request becomes a `CallContext` for mediation."""
         try:
-            principal = self.principal_lookup(ctx)
-            if principal is None:
-                return self._deny(decision_id, Reason.TOKEN_INVALID, params.name, None)
-            route = self._covered_route(principal, params.name)
-            if route is not None and self.registry.is_stale(route.connector_id):
-                # The downstream announced a change: decide on the re-pinned definition.
-                if not await self.registry.settled(route.connector_id):
-                    return self._deny(
-                        decision_id, Reason.UPSTREAM_UNAVAILABLE, params.name, principal
-                    )
-                route = self._covered_route(principal, params.name)
-            # Unknown and forbidden answer alike: existence is not revealed to the uncovered.
-            if route is None:
-                return self._deny(decision_id, Reason.SCOPE_MISSING, params.name, principal)
-            if route.disabled is not None:
-                return self._deny(decision_id, route.disabled, params.name, principal)
-            arguments: dict[str, JSONValue] = dict(params.arguments or {})
+            call = self._call_context(ctx)
         except Exception:
-            logger.exception("deciding a tool call failed", extra={"decision_id": decision_id})
+            decision_id = new_decision_id()
+            logger.exception("identifying a tool call failed", extra={"decision_id": decision_id})
             return denial(decision_id, Reason.DECISION_ERROR)
-        return await self._forward(ctx, route, arguments, decision_id)
+        result = await self.mediator.call_tool(call, params.name, params.arguments)
+        return _for_era(result, ctx.protocol_version)
 
-    def _covered_route(self, principal: Principal, name: str) -> ToolRoute | None:
-        """The route of ``name`` if some grant of ``principal`` covers it (enabled or not)."""
-        route = self.registry.snapshot.tools.get(name)
-        if route is None or not self.access.may_call(
-            principal, route.connector_id, route.tool_name
-        ):
-            return None
-        return route
-
-    async def _forward(
-        self,
-        ctx: ServerRequestContext[Any, Any],
-        route: ToolRoute,
-        arguments: Mapping[str, JSONValue],
-        decision_id: str,
-    ) -> types.CallToolResult:
-        """Call the connector; progress goes back to the agent, cancellation comes down."""
+    def _call_context(self, ctx: ServerRequestContext[Any, Any]) -> CallContext:
+        principal = self.principal_lookup(ctx)
+        http_id = (
+            _http_session_id(ctx) if ctx.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS else None
+        )
 
         async def relay(progress: float, total: float | None, message: str | None) -> None:
             await ctx.session.report_progress(progress, total, message)
 
-        try:
-            result = await route.connector.call_tool(route.tool_name, arguments, progress=relay)
-        except CallTimeout:
-            logger.warning("tool call timed out", extra=_ids(decision_id, route))
-            return denial(decision_id, Reason.UPSTREAM_TIMEOUT)
-        except ConnectorError:
-            logger.warning("tool call failed upstream", extra=_ids(decision_id, route))
-            return denial(decision_id, Reason.UPSTREAM_UNAVAILABLE)
-        except Exception:
-            logger.exception("forwarding a tool call failed", extra=_ids(decision_id, route))
-            return denial(decision_id, Reason.UPSTREAM_UNAVAILABLE)
-        return _for_era(result, ctx.protocol_version)
-
-    def _deny(
-        self, decision_id: str, reason: Reason, tool: str, principal: Principal | None
-    ) -> types.CallToolResult:
-        logger.info(
-            "tool call denied",
-            extra={
-                "decision_id": decision_id,
-                "reasons": [str(reason)],
-                "agent": principal.agent_id if principal else None,
-            },
+        return CallContext(
+            principal=principal,
+            http_session_id=http_id,
+            protocol_version=str(ctx.protocol_version or ""),
+            transport="http" if ctx.request is not None else self.transport,
+            client_info=_client_info(ctx),
+            progress=relay,
         )
-        return denial(decision_id, reason)
 
     # -- listing -----------------------------------------------------------------------------
 
@@ -328,23 +287,23 @@ class McpFront:
         if principal is None:
             return types.ListToolsResult(tools=[])
         snapshot = self.registry.snapshot
-        cached = self._list_cache.get(principal.scopes)
-        if cached is not None and cached[0] == snapshot.version:
+        key = (principal.token_id, principal.scopes)
+        cached = self._list_cache.get(key)
+        # A revoked token sees nothing, even from the cache.
+        if (
+            cached is not None
+            and cached[0] == snapshot.version
+            and self.mediator.token_problem(principal, self.mediator.token(principal)) is None
+        ):
             return cached[1]
-        tools = [
-            r.tool
-            for r in snapshot.listed
-            if r.tool is not None and self.access.may_call(principal, r.connector_id, r.tool_name)
-        ]
-        result = types.ListToolsResult(tools=tools)
+        result = types.ListToolsResult(tools=self.mediator.visible_tools(principal))
         if len(self._list_cache) > 1024:
             self._list_cache.clear()
-        self._list_cache[principal.scopes] = (snapshot.version, result)
+        self._list_cache[key] = (snapshot.version, result)
         return result
 
     def _wide(self, ctx: ServerRequestContext[Any, Any]) -> frozenset[str]:
-        principal = self.principal_lookup(ctx)
-        return self.access.wide_connectors(principal) if principal else frozenset()
+        return self.mediator.wide_connectors(self.principal_lookup(ctx))
 
     async def list_resources(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -504,7 +463,8 @@ class McpFront:
         """Terminate every live 2025-era HTTP session opened by ``agent_id``; returns how many.
 
         The agent's next request on such a session gets 404 "Session not found". 2026-era
-        requests carry no session; refusing them is the verifier's job.
+        requests carry no session; refusing them is the verifier's job. The agent's recorded
+        sessions are sealed too.
         """
         closed = 0
         for key, entry in list(self._sessions.items()):
@@ -515,7 +475,21 @@ class McpFront:
                 self.session_manager, entry.http_session_id
             ):
                 closed += 1
+        await self.mediator.close_sessions(agent_id=agent_id, reason="agent-cut-off")
         return closed
+
+    async def cancel_agent(self, agent_id: str, reason: Reason) -> int:
+        """Cancel ``agent_id``'s calls in flight (each answers ``reason``); returns how many."""
+        return await self.mediator.cancel_agent(agent_id, reason)
+
+    async def cut_off(self, agent_id: str, reason: Reason = Reason.AGENT_QUARANTINED) -> int:
+        """Quarantine's hook: cancel the agent's calls in flight, then close its sessions.
+
+        Returns the number of calls cancelled. New calls are refused by the revocation view.
+        """
+        cancelled = await self.cancel_agent(agent_id, reason)
+        await self.close_sessions_for(agent_id)
+        return cancelled
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -554,8 +528,14 @@ def _connection_key(ctx: ServerRequestContext[Any, Any]) -> object | None:
     return ("connection", id(connection)) if connection is not None else None
 
 
-def _ids(decision_id: str, route: ToolRoute) -> dict[str, str]:
-    return {"decision_id": decision_id, "connector": route.connector_id, "tool": route.tool_name}
+def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
+    """The client's self-description (name, version), as both eras carry it."""
+    params = getattr(ctx.session, "client_params", None)
+    info = getattr(params, "client_info", None)
+    if info is None:
+        return {}
+    dumped = info.model_dump(mode="json", exclude_none=True)
+    return {k: dumped[k] for k in ("name", "title", "version") if k in dumped}
 
 
 def _not_found(message: str) -> MCPError:

@@ -16,7 +16,13 @@ from mcp.server import ServerRequestContext
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 
-__all__ = ["Principal", "PrincipalLookup", "principal_from_access_token", "principal_from_request"]
+__all__ = [
+    "Principal",
+    "PrincipalCache",
+    "PrincipalLookup",
+    "principal_from_access_token",
+    "principal_from_request",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,32 +70,55 @@ class Principal:
 PrincipalLookup = Callable[[ServerRequestContext[Any, Any]], Principal | None]
 """How the MCP front learns who is calling; tests of an in-process `Client(server)` inject one."""
 
-_CACHE_LIMIT = 4096
-_cache: dict[str, Principal] = {}
+
+class PrincipalCache:
+    """Principals parsed once per token id, per MCP front (bounded; no module-level state).
+
+    The claims of a verified token never change, so a hit needs only a dict lookup and an
+    identity-or-equality check of the claims.
+    """
+
+    __slots__ = ("_cache", "_limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._cache: dict[str, Principal] = {}
+        self._limit = limit
+
+    def from_access_token(self, token: AccessToken | None) -> Principal | None:
+        """The principal for a verified `AccessToken`, or None (no token, or unusable claims)."""
+        if token is None or not token.claims:
+            return None
+        jti = token.claims.get("jti")
+        if isinstance(jti, str):
+            cached = self._cache.get(jti)
+            if cached is not None and (
+                cached.claims is token.claims or cached.claims == token.claims
+            ):
+                return cached
+        try:
+            principal = Principal.from_claims(token.claims)
+        except ValueError:
+            return None
+        if len(self._cache) >= self._limit:
+            self._cache.clear()
+        self._cache[principal.token_id] = principal
+        return principal
+
+    def from_request(self, _ctx: ServerRequestContext[Any, Any]) -> Principal | None:
+        """The SDK's verified token for this request (HTTP), else None."""
+        return self.from_access_token(get_access_token())
 
 
 def principal_from_access_token(token: AccessToken | None) -> Principal | None:
-    """The principal for a verified `AccessToken`, or None (no token, or unusable claims).
-
-    Parsed once per token id: the claims of a verified token never change.
-    """
+    """The principal for a verified `AccessToken`, or None; parsed every time (no cache)."""
     if token is None or not token.claims:
         return None
-    jti = token.claims.get("jti")
-    if isinstance(jti, str):
-        cached = _cache.get(jti)
-        if cached is not None and cached.claims == token.claims:
-            return cached
     try:
-        principal = Principal.from_claims(token.claims)
+        return Principal.from_claims(token.claims)
     except ValueError:
         return None
-    if len(_cache) >= _CACHE_LIMIT:
-        _cache.clear()
-    _cache[principal.token_id] = principal
-    return principal
 
 
 def principal_from_request(_ctx: ServerRequestContext[Any, Any]) -> Principal | None:
-    """The default lookup: the SDK's verified token for this request (HTTP), else None."""
+    """The SDK's verified token for this request (HTTP), else None; uncached."""
     return principal_from_access_token(get_access_token())

@@ -1,0 +1,864 @@
+"""Mediation: the one place where verify -> decide -> forward -> record -> watch meet. Shell.
+
+`Mediator.call_tool` runs every ``tools/call`` through these stages; the first that says no
+gives the answer (deny overrides allow; nothing granting means deny):
+
+ 1. principal: no verified token -> ``token-invalid`` (nothing is recorded: there is no session);
+ 2. recorded session, opened lazily (see "Sessions") -> ``store-unavailable`` if it cannot be;
+ 3. token problem from the revocation view: ``token-revoked``, ``agent-quarantined``,
+    ``agent-disabled``, or ``store-unavailable`` when the view is staler than its bound;
+ 4. route and pin status from the registry snapshot (a covered tool whose connector announced a
+    change waits for its re-pinning, else ``upstream-unavailable``);
+ 5. `broker.core.policy.decide` with the token's `TokenPolicy` (built once per token, bounded
+    LRU): ``scope-missing``, ``tool-unapproved``, ``tool-definition-changed``,
+    ``constraint-violated``; an exception here is ``decision-error`` (fail closed);
+ 6. rate limits (token buckets per agent and per connector, then concurrent calls per agent and
+    per connector, from ``[limits]``) -> ``rate-limited`` with "retry after N s";
+ 7. budget (only for a token with a ``budget`` claim: one atomic store update) ->
+    ``budget-exhausted``. Rate limits run first on purpose: a refused call must not spend the
+    durable budget, while a spent rate-limit token refills by itself;
+ 8. approval gate for ``approval = "call"`` scopes: the injected `CallApprovals`, else
+    ``approval-required``;
+ 9. the decision event is recorded durably; then EXACTLY the canonical arguments ``decide``
+    checked are forwarded (progress relayed, cancellation flowing down, deadline kept by the
+    connector) -> ``upstream-timeout`` / ``upstream-unavailable``;
+10. output policy (`broker.core.output`): secrets redacted, size capped (truncation marker, or
+    ``result-too-large``), and the session flagged ``untrusted-content`` when the allowing scope
+    is labelled ``untrusted``;
+11. the result event is recorded durably, and only then is the result returned.
+
+What recording guarantees (when a recorder is wired): every answer the agent receives for a
+``tools/call`` that got past stage 1 was preceded by a committed event carrying its decision id.
+A denial's decision event is committed before the denial is returned; an allowed call's decision
+event (with the redacted canonical arguments) is committed before anything is sent downstream,
+and its result event before the result is returned. When a write fails, the call is refused
+with ``store-unavailable``: before forwarding, the downstream never sees the call; after it, the
+downstream ran it but the agent never sees the result. A ``store-unavailable`` answer given
+because recording failed is itself not in the record (the store is what failed). The request is
+folded into the decision event (one commit before forwarding, not two).
+
+Sessions: one recorded session per 2025-era HTTP session (``mcp-session-id``) and token; on the
+2026 era (stateless), stdio and in-process transports, one per token (``jti``). Sessions are
+sealed when `close_sessions` ends them (quarantine, shutdown) and swept once their token expired.
+
+Quarantine: every running call is registered under its agent id; `cancel_agent` cancels them
+(the call answers with the reason given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import mcp.types as types
+from pydantic import ValidationError
+
+from broker.config import LimitsConfig, OutputConfig
+from broker.core.decision import Decision, Reason
+from broker.core.limits import Bucket, RateLimit, take
+from broker.core.output import OutputPolicy, shape_result
+from broker.core.pinning import PinStatus
+from broker.core.policy import AccessRequest, Authorization, TokenPolicy, decide
+from broker.core.recording import EventKind
+from broker.core.tokens import TokenClaims
+from broker.errors import StoreError
+from broker.ports import Clock, SystemClock
+from broker.principal import Principal
+from broker.registry import Registry, ToolRoute
+from connectors import CallTimeout, ConnectorError, JSONValue, ProgressCallback
+from scopes import ApprovalMode, Label, ScopeDefinition, ScopeError, parse_authorization_details
+
+__all__ = [
+    "CallApprovals",
+    "CallContext",
+    "CallObserver",
+    "MediationStore",
+    "Mediator",
+    "TokenCheck",
+    "denial",
+    "new_decision_id",
+]
+
+logger = logging.getLogger("broker.mediation")
+
+UNTRUSTED_FLAG = "untrusted-content"
+_RECORDED_ARGS_MAX = 16 * 1024
+_EXCERPT_CHARS = 2048
+_CONCURRENCY_RETRY = 1
+
+
+def new_decision_id() -> str:
+    """A fresh, unguessable decision id (``dec_`` + 20 hex digits)."""
+    return "dec_" + secrets.token_hex(10)
+
+
+def denial(
+    decision_id: str, *reasons: Reason, retry_after: float | None = None
+) -> types.CallToolResult:
+    """The wire shape of a denied call: the reasons and the decision id (and a retry hint)."""
+    text = f"denied ({','.join(sorted(reasons))}); decision {decision_id}"
+    if retry_after is not None:
+        text += f"; retry after {max(1, math.ceil(retry_after))} s"
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=True)
+
+
+# -- seams -------------------------------------------------------------------------------------
+
+
+class CallApprovals(Protocol):
+    """The human-approval gate for calls of ``approval = "call"`` scopes (issue 4, item 5).
+
+    ``gate`` holds the call (bounded by ``[approvals] call_timeout``) while an approver sees the
+    exact tool and canonical arguments; it returns None to release the call once, or the reason
+    to deny it (``approval-denied``, ``approval-required`` on timeout). An approval must be bound
+    to these canonical arguments and be single-use. Cancellation (quarantine) may interrupt it.
+    """
+
+    async def gate(
+        self,
+        principal: Principal,
+        decision_id: str,
+        connector: str,
+        tool: str,
+        canonical_arguments: Mapping[str, JSONValue],
+    ) -> Reason | None: ...
+
+
+class TokenCheck(Protocol):
+    """The revocation view (`broker.revocations.RevocationCache`)."""
+
+    def check(self, claims: TokenClaims, now: Any) -> Reason | None: ...
+
+
+class MediationStore(Protocol):
+    """The store operations on the call path (`broker.store.SqlStore`)."""
+
+    async def consume_budget(self, jti: str, limit: int) -> int | None: ...
+
+    async def flag_session(self, session_id: str, flag: str) -> Any: ...
+
+
+class CallRecorder(Protocol):
+    """`broker.recorder.Recorder`, as mediation uses it."""
+
+    async def open_session(
+        self,
+        *,
+        agent_id: str,
+        token_jti: str,
+        task_id: str,
+        session_id: str | None = None,
+        protocol_version: str = "",
+        transport: str = "",
+        client_info: Mapping[str, Any] | None = None,
+    ) -> Any: ...
+
+    async def record(
+        self,
+        session_id: str,
+        kind: Any,
+        payload: Mapping[str, Any],
+        decision_id: str | None = None,
+    ) -> Any: ...
+
+    async def close_session(self, session_id: str, *, reason: str | None = None) -> Any: ...
+
+
+class CallObserver(Protocol):
+    """Metrics (``broker.metrics``): one observation per mediated call."""
+
+    def observe_call(
+        self, decision: str, reasons: Sequence[str], overhead_s: float, downstream_s: float
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Who is calling, over what, as the MCP front saw it."""
+
+    principal: Principal | None
+    http_session_id: str | None = None
+    """The 2025-era ``mcp-session-id``; None on 2026, stdio and in-process transports."""
+    protocol_version: str = ""
+    transport: str = ""
+    client_info: Mapping[str, Any] = field(default_factory=dict[str, Any])
+    progress: ProgressCallback | None = None
+
+
+# -- per-token state ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Token:
+    policy: TokenPolicy
+    claims: TokenClaims | None
+    budget: int | None
+    expires: int | None
+    problem: Reason | None = None
+    _wide: frozenset[str] | None = None
+
+    def wide_connectors(self) -> frozenset[str]:
+        """Connectors open beyond tools (resources, prompts, completion): an unconstrained
+        ``"*"`` grant, and, when the token narrows, an unconstrained ``"*"`` detail too."""
+        if self._wide is None:
+            wide = {
+                g.connector
+                for s in self.policy.scopes
+                for g in s.grants
+                if "*" in g.tools and not g.constraints.items
+            }
+            if self.policy.narrowing:
+                wide &= {
+                    g.connector
+                    for g in self.policy.narrowing
+                    if "*" in g.tools and not g.constraints.items
+                }
+            self._wide = frozenset(wide)
+        return self._wide
+
+
+@dataclass(slots=True)
+class _Session:
+    agent_id: str
+    expires: int | None
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    id: str | None = None
+    flags: set[str] = field(default_factory=set[str])
+
+
+_PIN_STATUS = {
+    None: PinStatus.APPROVED,
+    Reason.TOOL_UNAPPROVED: PinStatus.PENDING,
+    Reason.TOOL_DEFINITION_CHANGED: PinStatus.CHANGED,
+}
+
+
+class _Refused(Exception):
+    """A stage said no (internal control flow; never leaves the mediator)."""
+
+    def __init__(self, *reasons: Reason, retry_after: float | None = None) -> None:
+        super().__init__(",".join(reasons))
+        self.reasons = reasons
+        self.retry_after = retry_after
+
+
+# -- the mediator ------------------------------------------------------------------------------
+
+
+class Mediator:
+    """Decides, limits, forwards, shapes and records tool calls (see the module docstring).
+
+    Everything but ``registry`` and ``scopes`` is optional so the front works before it is fully
+    wired: without ``recorder`` nothing is recorded; without ``revocations`` no revocation view
+    is consulted (the SDK verifier still checks it per request); without ``store`` a token that
+    carries a budget is refused (``store-unavailable``: its budget cannot be counted).
+    ``local_connectors`` names connectors running on this host whose ``within`` paths are also
+    checked after resolving symlinks (``realpath``), and forwarded resolved.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        scopes: Sequence[ScopeDefinition],
+        *,
+        clock: Clock | None = None,
+        revocations: TokenCheck | None = None,
+        store: MediationStore | None = None,
+        recorder: CallRecorder | None = None,
+        approvals: CallApprovals | None = None,
+        limits: LimitsConfig | None = None,
+        output: OutputConfig | None = None,
+        known_secrets: Iterable[str] = (),
+        local_connectors: Collection[str] = (),
+        realpath: Callable[[str], str] = os.path.realpath,
+        observer: CallObserver | None = None,
+        token_cache_size: int = 4096,
+    ) -> None:
+        self.registry = registry
+        self.clock: Clock = clock or SystemClock()
+        self.revocations = revocations
+        self.store = store
+        self.recorder = recorder
+        self.approvals = approvals
+        self.limits = limits or LimitsConfig()
+        out = output or OutputConfig()
+        self.output = OutputPolicy(
+            max_result_bytes=out.max_result_bytes,
+            oversize=out.oversize,
+            redact_secrets=out.redact_secrets,
+            known_secrets=tuple(known_secrets),
+        )
+        self.local_connectors = frozenset(local_connectors)
+        self.realpath = realpath
+        self.observer = observer
+        self._by_name = {d.name: d for d in scopes}
+        self._tokens: OrderedDict[tuple[str, frozenset[str]], _Token] = OrderedDict()
+        self._token_cache_size = token_cache_size
+        self._sessions: dict[tuple[str, ...], _Session] = {}
+        self._buckets: dict[tuple[str, str], Bucket] = {}
+        self._running: Counter[tuple[str, str]] = Counter()
+        self._agent_limit = _rate(self.limits.agent_calls_per_minute, self.limits.agent_burst)
+        self._connector_limit = _rate(
+            self.limits.connector_calls_per_minute, self.limits.connector_burst
+        )
+        self._inflight: dict[str, set[anyio.CancelScope]] = {}
+        self._cut: dict[anyio.CancelScope, Reason] = {}
+
+    # -- per token ---------------------------------------------------------------------------
+
+    def token(self, principal: Principal) -> _Token:
+        """The token's policy and parsed claims, built once per (jti, scopes); bounded LRU."""
+        key = (principal.token_id, principal.scopes)
+        entry = self._tokens.get(key)
+        if entry is not None:
+            self._tokens.move_to_end(key)
+            return entry
+        entry = self._build_token(principal)
+        self._tokens[key] = entry
+        if len(self._tokens) > self._token_cache_size:
+            self._tokens.popitem(last=False)
+        return entry
+
+    def _build_token(self, principal: Principal) -> _Token:
+        raw = principal.claims
+        claims: TokenClaims | None = None
+        problem: Reason | None = None
+        if raw:
+            try:
+                claims = TokenClaims.model_validate(dict(raw))
+            except ValidationError:
+                logger.warning("unusable verified claims", extra={"jti": principal.token_id})
+                problem = Reason.TOKEN_INVALID
+        order = claims.scopes if claims is not None else tuple(sorted(principal.scopes))
+        # Scope names the broker does not define grant nothing.
+        definitions = tuple(
+            self._by_name[n] for n in order if n in principal.scopes and n in self._by_name
+        )
+        narrowing = ()
+        details = raw.get("authorization_details") if raw else None
+        if details is not None:
+            try:
+                narrowing = parse_authorization_details(list(details))
+            except (ScopeError, TypeError):
+                logger.warning("unusable authorization_details", extra={"jti": principal.token_id})
+                problem = problem or Reason.DECISION_ERROR
+        budget = claims.budget if claims is not None else None
+        if claims is None and raw and isinstance(raw.get("budget"), int):
+            budget = raw["budget"]
+        expires = claims.exp if claims is not None else None
+        return _Token(TokenPolicy(definitions, narrowing), claims, budget, expires, problem)
+
+    def token_problem(self, principal: Principal, token: _Token) -> Reason | None:
+        """Why this token may not be used now (revocation view), or None."""
+        if token.problem is not None:
+            return token.problem
+        if self.revocations is None:
+            return None
+        if token.claims is None:
+            return Reason.TOKEN_INVALID
+        return self.revocations.check(token.claims, self.clock.now())
+
+    def visible_tools(self, principal: Principal) -> list[types.Tool]:
+        """What ``tools/list`` shows: enabled tools some grant (and detail) of the token covers."""
+        token = self.token(principal)
+        if self.token_problem(principal, token) is not None:
+            return []
+        policy = token.policy
+        return [
+            r.tool
+            for r in self.registry.snapshot.listed
+            if r.tool is not None and policy.reaches(r.connector_id, r.tool_name)
+        ]
+
+    def wide_connectors(self, principal: Principal | None) -> frozenset[str]:
+        """Connectors whose resources, prompts and completions the caller may use."""
+        if principal is None:
+            return frozenset()
+        token = self.token(principal)
+        if self.token_problem(principal, token) is not None:
+            return frozenset()
+        return token.wide_connectors()
+
+    # -- the call path -----------------------------------------------------------------------
+
+    async def call_tool(
+        self, call: CallContext, name: str, arguments: Mapping[str, Any] | None
+    ) -> types.CallToolResult:
+        """Mediate one ``tools/call``; never raises (every failure is a denial value)."""
+        decision_id = new_decision_id()
+        started = time.perf_counter()
+        principal = call.principal
+        if principal is None:
+            self._log_denied(decision_id, (Reason.TOKEN_INVALID,), None)
+            return denial(decision_id, Reason.TOKEN_INVALID)
+        try:
+            session = await self._session(call, principal)
+        except Exception:
+            logger.exception(
+                "opening the recorded session failed", extra={"agent": principal.agent_id}
+            )
+            self._log_denied(decision_id, (Reason.STORE_UNAVAILABLE,), principal)
+            return denial(decision_id, Reason.STORE_UNAVAILABLE)
+
+        held: list[tuple[str, str]] = []
+        route: ToolRoute | None = None
+        raw_args: dict[str, Any] = dict(arguments or {})
+        try:
+            try:
+                route, auth = await self._decide(principal, decision_id, name, raw_args)
+                if not auth.decision.allowed or route is None:
+                    raise _Refused(*(auth.decision.reasons or {Reason.SCOPE_MISSING}))
+                self._limit(principal.agent_id, route.connector_id, held)
+                await self._spend_budget(principal)
+            except _Refused as refused:
+                return await self._refuse(
+                    session, principal, decision_id, name, route, raw_args, refused, started
+                )
+            except Exception:
+                logger.exception("deciding a tool call failed", extra={"decision_id": decision_id})
+                refused = _Refused(Reason.DECISION_ERROR)
+                return await self._refuse(
+                    session, principal, decision_id, name, route, raw_args, refused, started
+                )
+            return await self._allowed(call, session, principal, decision_id, route, auth, started)
+        finally:
+            for key in held:
+                self._running[key] -= 1
+
+    async def _decide(
+        self, principal: Principal, decision_id: str, name: str, arguments: Mapping[str, Any]
+    ) -> tuple[ToolRoute | None, Authorization]:
+        token = self.token(principal)
+        problem = self.token_problem(principal, token)
+        if problem is not None:
+            return None, Authorization(Decision.deny(decision_id, problem))
+        route = self.registry.snapshot.tools.get(name)
+        if (
+            route is not None
+            and token.policy.covering(route.connector_id, route.tool_name)
+            and self.registry.is_stale(route.connector_id)
+        ):
+            # The downstream announced a change: decide on the re-pinned definition.
+            if not await self.registry.settled(route.connector_id):
+                return route, Authorization(Decision.deny(decision_id, Reason.UPSTREAM_UNAVAILABLE))
+            route = self.registry.snapshot.tools.get(name)
+        request = AccessRequest(
+            decision_id=decision_id,
+            connector=route.connector_id if route else "",
+            tool=route.tool_name if route else name,
+            arguments=arguments,
+            policy=token.policy,
+            pin_status=_PIN_STATUS.get(route.disabled, PinStatus.CHANGED) if route else None,
+        )
+        local = route is not None and route.connector_id in self.local_connectors
+        return route, decide(request, realpath=self.realpath if local else None)
+
+    def _limit(self, agent_id: str, connector_id: str, held: list[tuple[str, str]]) -> None:
+        """Rate (token buckets) then concurrency, per agent and per connector."""
+        now = self.clock.now()
+        waits: list[float] = []
+        for key, limit in (
+            (("agent", agent_id), self._agent_limit),
+            (("connector", connector_id), self._connector_limit),
+        ):
+            if limit is None:
+                continue
+            bucket, wait = take(self._buckets.get(key), limit, now)
+            self._buckets[key] = bucket
+            if wait is not None:
+                waits.append(wait)
+        if waits:
+            raise _Refused(Reason.RATE_LIMITED, retry_after=max(waits))
+        for key, most in (
+            (("agent", agent_id), self.limits.agent_max_concurrent),
+            (("connector", connector_id), self.limits.connector_max_concurrent),
+        ):
+            if most and self._running[key] >= most:
+                raise _Refused(Reason.RATE_LIMITED, retry_after=_CONCURRENCY_RETRY)
+        for key in (("agent", agent_id), ("connector", connector_id)):
+            self._running[key] += 1
+            held.append(key)
+
+    async def _spend_budget(self, principal: Principal) -> None:
+        budget = self.token(principal).budget
+        if budget is None:
+            return
+        if self.store is None:
+            raise _Refused(Reason.STORE_UNAVAILABLE)
+        try:
+            left = await self.store.consume_budget(principal.token_id, budget)
+        except StoreError:
+            raise _Refused(Reason.STORE_UNAVAILABLE) from None
+        if left is None:
+            raise _Refused(Reason.BUDGET_EXHAUSTED)
+
+    async def _allowed(
+        self,
+        call: CallContext,
+        session: _Session | None,
+        principal: Principal,
+        decision_id: str,
+        route: ToolRoute,
+        auth: Authorization,
+        started: float,
+    ) -> types.CallToolResult:
+        agent = principal.agent_id
+        canonical = auth.arguments
+        result: types.CallToolResult | None = None
+        downstream = 0.0
+        with anyio.CancelScope() as scope:
+            self._inflight.setdefault(agent, set()).add(scope)
+            try:
+                if auth.approval == ApprovalMode.CALL:
+                    reason = await self._approve(principal, decision_id, route, canonical)
+                    if reason is not None:
+                        refused = _Refused(reason)
+                        return await self._refuse(
+                            session,
+                            principal,
+                            decision_id,
+                            route.name,
+                            route,
+                            canonical,
+                            refused,
+                            started,
+                        )
+                if not await self._record(
+                    session,
+                    EventKind.DECISION,
+                    _decision_payload(route.name, route, auth.decision, canonical, auth),
+                    decision_id,
+                ):
+                    return self._store_failed(decision_id, principal, started)
+                sent = time.perf_counter()
+                try:
+                    result = await route.connector.call_tool(
+                        route.tool_name, canonical, progress=call.progress
+                    )
+                except CallTimeout:
+                    logger.warning("tool call timed out", extra=_ids(decision_id, route))
+                    return await self._upstream_failed(
+                        session, principal, decision_id, Reason.UPSTREAM_TIMEOUT, started
+                    )
+                except ConnectorError:
+                    logger.warning("tool call failed upstream", extra=_ids(decision_id, route))
+                    return await self._upstream_failed(
+                        session, principal, decision_id, Reason.UPSTREAM_UNAVAILABLE, started
+                    )
+                except Exception:
+                    logger.exception(
+                        "forwarding a tool call failed", extra=_ids(decision_id, route)
+                    )
+                    return await self._upstream_failed(
+                        session, principal, decision_id, Reason.UPSTREAM_UNAVAILABLE, started
+                    )
+                finally:
+                    downstream = time.perf_counter() - sent
+            finally:
+                running = self._inflight.get(agent)
+                if running is not None:
+                    running.discard(scope)
+                    if not running:
+                        del self._inflight[agent]
+        cut = self._cut.pop(scope, None)
+        if result is None or cut is not None:
+            reason = cut or Reason.UPSTREAM_UNAVAILABLE
+            return await self._upstream_failed(session, principal, decision_id, reason, started)
+        return await self._deliver(
+            session, principal, decision_id, auth, result, started, downstream
+        )
+
+    async def _approve(
+        self,
+        principal: Principal,
+        decision_id: str,
+        route: ToolRoute,
+        canonical: Mapping[str, JSONValue],
+    ) -> Reason | None:
+        if self.approvals is None:
+            return Reason.APPROVAL_REQUIRED
+        return await self.approvals.gate(
+            principal, decision_id, route.connector_id, route.tool_name, canonical
+        )
+
+    async def _deliver(
+        self,
+        session: _Session | None,
+        principal: Principal,
+        decision_id: str,
+        auth: Authorization,
+        result: types.CallToolResult,
+        started: float,
+        downstream: float,
+    ) -> types.CallToolResult:
+        wire = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        shaped = shape_result(wire, self.output)
+        if shaped.refused or shaped.result is None:
+            return await self._upstream_failed(
+                session, principal, decision_id, Reason.RESULT_TOO_LARGE, started
+            )
+        if shaped.changed:
+            result = types.CallToolResult.model_validate(shaped.result)
+        flags: list[str] = []
+        if Label.UNTRUSTED in auth.labels:
+            flags.append(UNTRUSTED_FLAG)
+            if not await self._flag(session, UNTRUSTED_FLAG):
+                return self._store_failed(decision_id, principal, started)
+        elapsed = time.perf_counter() - started
+        payload = {
+            "is_error": bool(result.is_error),
+            "bytes": shaped.size,
+            "excerpt": _excerpt(result),
+            "latency_ms": round(elapsed * 1000, 3),
+            "downstream_ms": round(downstream * 1000, 3),
+            "truncated": shaped.truncated,
+            "redactions": list(shaped.redactions),
+            "flags": flags,
+        }
+        if not await self._record(session, EventKind.RESULT, payload, decision_id):
+            return self._store_failed(decision_id, principal, started)
+        self._observe("allowed", (), elapsed - downstream, downstream)
+        return result
+
+    async def _flag(self, session: _Session | None, flag: str) -> bool:
+        """Flag the recorded session once; False when the store could not."""
+        if session is None or session.id is None or flag in session.flags:
+            return True
+        if self.store is None:
+            return True
+        try:
+            await self.store.flag_session(session.id, flag)
+        except Exception:
+            logger.exception("flagging the session failed", extra={"flag": flag})
+            return False
+        session.flags.add(flag)
+        return True
+
+    # -- denials and failures ----------------------------------------------------------------
+
+    async def _refuse(
+        self,
+        session: _Session | None,
+        principal: Principal,
+        decision_id: str,
+        name: str,
+        route: ToolRoute | None,
+        arguments: Mapping[str, Any],
+        refused: _Refused,
+        started: float,
+    ) -> types.CallToolResult:
+        decision = Decision.deny(decision_id, *refused.reasons)
+        payload = _decision_payload(name, route, decision, arguments, None)
+        if not await self._record(session, EventKind.DECISION, payload, decision_id):
+            return self._store_failed(decision_id, principal, started)
+        self._log_denied(decision_id, refused.reasons, principal)
+        self._observe("denied", refused.reasons, time.perf_counter() - started, 0.0)
+        return denial(decision_id, *refused.reasons, retry_after=refused.retry_after)
+
+    async def _upstream_failed(
+        self,
+        session: _Session | None,
+        principal: Principal,
+        decision_id: str,
+        reason: Reason,
+        started: float,
+    ) -> types.CallToolResult:
+        """After an allow: the call failed downstream, was cut off, or its result was refused."""
+        payload = {"error": str(reason), "latency_ms": _ms(started)}
+        if not await self._record(session, EventKind.ERROR, payload, decision_id):
+            return self._store_failed(decision_id, principal, started)
+        self._log_denied(decision_id, (reason,), principal)
+        self._observe("error", (reason,), time.perf_counter() - started, 0.0)
+        return denial(decision_id, reason)
+
+    def _store_failed(
+        self, decision_id: str, principal: Principal, started: float
+    ) -> types.CallToolResult:
+        self._log_denied(decision_id, (Reason.STORE_UNAVAILABLE,), principal)
+        self._observe("denied", (Reason.STORE_UNAVAILABLE,), time.perf_counter() - started, 0.0)
+        return denial(decision_id, Reason.STORE_UNAVAILABLE)
+
+    def _log_denied(
+        self, decision_id: str, reasons: Iterable[Reason], principal: Principal | None
+    ) -> None:
+        logger.info(
+            "tool call denied",
+            extra={
+                "decision_id": decision_id,
+                "reasons": sorted(str(r) for r in reasons),
+                "agent": principal.agent_id if principal else None,
+            },
+        )
+
+    def _observe(
+        self, decision: str, reasons: Iterable[Reason], overhead: float, downstream: float
+    ) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer.observe_call(decision, [str(r) for r in reasons], overhead, downstream)
+        except Exception:
+            logger.exception("metrics observer failed")
+
+    # -- recording ---------------------------------------------------------------------------
+
+    async def _record(
+        self,
+        session: _Session | None,
+        kind: EventKind,
+        payload: Mapping[str, Any],
+        decision_id: str | None,
+    ) -> bool:
+        """Record durably; False when the store could not (the caller refuses the call)."""
+        if self.recorder is None or session is None or session.id is None:
+            return True
+        try:
+            await self.recorder.record(session.id, kind, payload, decision_id)
+        except Exception:
+            logger.exception("recording failed", extra={"decision_id": decision_id})
+            return False
+        return True
+
+    async def _session(self, call: CallContext, principal: Principal) -> _Session | None:
+        """The recorded session of this call, opened on first use.
+
+        Raises:
+            StoreUnavailable: the session cannot be opened (or anything the recorder raises).
+        """
+        if self.recorder is None:
+            return None
+        if call.http_session_id is not None:
+            key: tuple[str, ...] = ("http", call.http_session_id, principal.token_id)
+        else:
+            key = ("token", principal.token_id)
+        state = self._sessions.get(key)
+        if state is None:
+            await self._sweep()
+            state = self._sessions.setdefault(
+                key, _Session(principal.agent_id, self.token(principal).expires)
+            )
+        if state.id is not None:
+            return state
+        async with state.lock:
+            if state.id is None:
+                handle = await self.recorder.open_session(
+                    agent_id=principal.agent_id,
+                    token_jti=principal.token_id,
+                    task_id=principal.task_id,
+                    protocol_version=call.protocol_version,
+                    transport=call.transport,
+                    client_info=dict(call.client_info),
+                )
+                state.id = str(handle.id)
+        return state
+
+    async def _sweep(self) -> None:
+        """Seal the sessions of tokens that have expired (bounded work: a dict walk)."""
+        now = int(self.clock.now().timestamp())
+        expired = [
+            k for k, s in self._sessions.items() if s.expires is not None and s.expires < now
+        ]
+        for key in expired:
+            await self._close(key, "token-expired")
+
+    async def _close(self, key: tuple[str, ...], reason: str) -> None:
+        state = self._sessions.pop(key, None)
+        if state is None or state.id is None or self.recorder is None:
+            return
+        try:
+            await self.recorder.close_session(state.id, reason=reason)
+        except Exception:
+            logger.exception("sealing a session failed", extra={"session_id": state.id})
+
+    async def close_sessions(
+        self, *, agent_id: str | None = None, http_session_id: str | None = None, reason: str
+    ) -> int:
+        """Seal recorded sessions (all, an agent's, or one HTTP session's); returns how many."""
+        keys = [
+            k
+            for k, s in self._sessions.items()
+            if (agent_id is None or s.agent_id == agent_id)
+            and (http_session_id is None or (k[0] == "http" and k[1] == http_session_id))
+        ]
+        for key in keys:
+            await self._close(key, reason)
+        return len(keys)
+
+    # -- quarantine --------------------------------------------------------------------------
+
+    async def cancel_agent(self, agent_id: str, reason: Reason) -> int:
+        """Cancel ``agent_id``'s calls in flight; each answers ``reason``. Returns how many."""
+        scopes = list(self._inflight.get(agent_id, ()))
+        for scope in scopes:
+            self._cut[scope] = reason
+            scope.cancel()
+        return len(scopes)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _rate(per_minute: float, burst: int) -> RateLimit | None:
+    return RateLimit(per_minute, burst) if per_minute > 0 else None
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _ids(decision_id: str, route: ToolRoute) -> dict[str, str]:
+    return {"decision_id": decision_id, "connector": route.connector_id, "tool": route.tool_name}
+
+
+def _bounded(arguments: Mapping[str, Any]) -> Any:
+    """The arguments to record, or a digest of them when they are too large to keep whole."""
+    try:
+        text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return {"omitted": "not JSON"}
+    if len(text) <= _RECORDED_ARGS_MAX:
+        return dict(arguments)
+    digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+    return {"omitted": "too large", "bytes": len(text.encode("utf-8", "replace")), "sha256": digest}
+
+
+def _decision_payload(
+    name: str,
+    route: ToolRoute | None,
+    decision: Decision,
+    arguments: Mapping[str, Any],
+    auth: Authorization | None,
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "method": "tools/call",
+        "tool": name,
+        "connector": route.connector_id if route else None,
+        "allowed": decision.allowed,
+        "reasons": sorted(str(r) for r in decision.reasons),
+        "rule_ids": list(decision.rule_ids),
+        "arguments": _bounded(arguments),
+    }
+    if decision.detail:
+        payload["detail"] = list(decision.detail)
+    if auth is not None and auth.scope is not None:
+        payload["scope"] = auth.scope.name
+    return payload
+
+
+def _excerpt(result: types.CallToolResult) -> dict[str, Any]:
+    text = "".join(b.text for b in result.content if isinstance(b, types.TextContent))
+    return {
+        "text": text[:_EXCERPT_CHARS],
+        "chars": len(text),
+        "truncated": len(text) > _EXCERPT_CHARS,
+    }
