@@ -1,0 +1,163 @@
+"""The official conformance suite against the broker fronting our fixture server.
+
+The broker is built by `create_app` from config: its only connector is the conformance fixture
+server (stdio, prefix "" so the suite finds its fixtures by name), every tool approved. The
+suite sends no token, so the suite talks to a second `McpFront` over the very same registry and
+scope definitions, whose principal lookup returns a fixed test principal holding the fixture
+connector's ``*`` grant, and which has no verifier. Everything past authentication (listing,
+mediation, forwarding, error shaping, both eras) is the broker's own code path.
+
+The baseline is explicit: each scenario must pass, or be listed as an expected failure with the
+reason a mediating broker cannot pass it. A new failure, or an expected failure that starts
+passing, fails the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp.server import ServerRequestContext
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from broker.mcp_front import McpFront
+from broker.principal import Principal
+from broker.testing import serve_app
+from tests.conformance.harness import baseline_problems, missing_tools, run_server_suite
+from tests.test_examples import served_broker
+from tests.test_stdio_shim import FIXTURE, FIXTURE_SCOPES
+
+pytestmark = [
+    pytest.mark.servers,
+    pytest.mark.skipif(missing_tools() is not None, reason=f"conformance suite: {missing_tools()}"),
+]
+
+SUITE_PRINCIPAL = Principal(
+    agent_id="conformance-suite",
+    client_id="conformance-suite",
+    scopes=frozenset({"conf:all"}),
+    token_id="conformance-suite-token",
+)
+
+# Scenarios of @modelcontextprotocol/conformance 0.2.0-alpha.12 that pass through the broker.
+SHARED_PASSING = (
+    "completion-complete",
+    "dns-rebinding-protection",
+    "json-schema-2020-12",
+    "prompts-get-embedded-resource",
+    "prompts-get-simple",
+    "prompts-get-with-args",
+    "prompts-get-with-image",
+    "prompts-list",
+    "resources-list",
+    "resources-read-binary",
+    "resources-read-text",
+    "resources-templates-read",
+    "server-sse-multiple-streams",
+    "tools-call-audio",
+    "tools-call-embedded-resource",
+    "tools-call-error",
+    "tools-call-image",
+    "tools-call-mixed-content",
+    "tools-call-simple-text",
+    "tools-call-with-progress",
+    "tools-list",
+)
+BASELINE: dict[str, tuple[str, ...]] = {
+    "2025-11-25": (
+        *SHARED_PASSING,
+        "ping",
+        "server-initialize",
+        "server-session-lifecycle",
+    ),
+    "2026-07-28": (
+        *SHARED_PASSING,
+        "caching",
+        "http-custom-header-server-validation",
+        "http-header-validation",
+        "input-required-result-ignore-extra-params",
+        "input-required-result-missing-input-response",
+        "input-required-result-unsupported-methods",
+        "input-required-result-validate-input",
+        "sep-2164-resource-not-found",
+    ),
+}
+
+_NO_BACK_CHANNEL = (
+    "server-to-client requests are not relayed: the broker is the fixture's MCP client and "
+    "does not forward its {what} requests to the agent"
+)
+_INPUT_REQUIRED = (
+    "the front does not relay InputRequiredResult (SEP-2322 multi-round trips) from a "
+    "connector; its input requests would need mediation before reaching the agent"
+)
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {
+    "2025-11-25": {
+        "elicitation-sep1034-defaults": _NO_BACK_CHANNEL.format(what="elicitation"),
+        "elicitation-sep1330-enums": _NO_BACK_CHANNEL.format(what="elicitation"),
+        "tools-call-elicitation": _NO_BACK_CHANNEL.format(what="elicitation"),
+        "tools-call-sampling": _NO_BACK_CHANNEL.format(what="sampling"),
+        "logging-set-level": "the front has no logging/setLevel handler (protocol logging is "
+        "deprecated by SEP-2577): Method not found",
+        "tools-call-with-logging": "the suite first sets a log level (Method not found), and "
+        "connectors' log notifications are not relayed to the agent",
+        "resources-subscribe": "the front has no resources/subscribe handler (not mediated yet)",
+        "resources-unsubscribe": "the front has no resources/unsubscribe handler",
+        "server-sse-polling": "the front's streamable HTTP app has no event store, so POST SSE "
+        "streams carry no priming event id or retry field (only WARNING checks, no SUCCESS)",
+    },
+    "2026-07-28": {
+        "input-required-result-basic-elicitation": _INPUT_REQUIRED,
+        "input-required-result-basic-list-roots": _INPUT_REQUIRED,
+        "input-required-result-basic-sampling": _INPUT_REQUIRED,
+        "input-required-result-capability-check": _INPUT_REQUIRED,
+        "input-required-result-multi-round": _INPUT_REQUIRED,
+        "input-required-result-multiple-input-requests": _INPUT_REQUIRED,
+        "input-required-result-request-state": _INPUT_REQUIRED,
+        "input-required-result-result-type": _INPUT_REQUIRED,
+        "input-required-result-tampered-state": _INPUT_REQUIRED,
+        "input-required-result-non-tool-request": "prompts/get answered with "
+        "InputRequiredResult by the connector becomes upstream-unavailable (-32603)",
+        "server-stateless": "test_missing_capability must be refused with -32021 when the "
+        "client lacks sampling, but capabilities are per hop: the fixture sees the broker's "
+        "connector client, not the agent's declared capabilities",
+    },
+}
+
+
+@asynccontextmanager
+async def broker_for_the_suite(tmp_path: Path) -> AsyncIterator[str]:
+    """The broker's MCP front over the fixture connector, as the test principal; yields /mcp."""
+    async with served_broker(tmp_path, connectors=(FIXTURE,), scopes_toml=FIXTURE_SCOPES) as b:
+
+        def suite_principal(_ctx: ServerRequestContext[Any, Any]) -> Principal:
+            return SUITE_PRINCIPAL
+
+        services = b.services
+        front = McpFront(
+            services.registry,
+            list(services.scopes.values()),
+            server_config=services.config.server,
+            principal_lookup=suite_principal,
+        )
+        app = Starlette(
+            routes=[Mount("/", app=front.asgi_app())], lifespan=lambda _app: front.lifespan()
+        )
+        async with serve_app(app) as url:
+            yield f"{url}/mcp"
+
+
+@pytest.mark.parametrize("spec_version", sorted(BASELINE))
+async def test_the_broker_fronting_the_fixture_server_passes_the_official_suite(
+    tmp_path: Path, spec_version: str
+) -> None:
+    async with broker_for_the_suite(tmp_path) as url:
+        with anyio.fail_after(110):
+            report = await run_server_suite(url, spec_version)
+    problems = baseline_problems(report, BASELINE[spec_version], EXPECTED_FAILURES[spec_version])
+    assert not problems, "\n".join([*problems, report.summary()])
