@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from broker.core.approvals import Approval, ApprovalKind, ApprovalStatus
 from broker.core.identity import AdminRole, AdminToken, Agent, AgentStatus
 from broker.core.pinning import PinStatus, ToolPin
 from broker.core.recording import RecordedEvent, SessionRecord
@@ -273,6 +274,52 @@ class Store(Protocol):
 
     async def flag_session(self, session_id: str, flag: str) -> SessionRecord:
         """Add ``flag`` (idempotent). Raises NotFound."""
+        ...
+
+    # human approvals (`broker.core.approvals` holds the rules; the store applies them atomically)
+    async def create_approval(self, approval: Approval) -> None:
+        """Raises Conflict on a taken id."""
+        ...
+
+    async def get_approval(self, approval_id: str) -> Approval:
+        """As stored (see `broker.core.approvals.effective_status`). Raises NotFound."""
+        ...
+
+    async def list_approvals(
+        self,
+        *,
+        status: ApprovalStatus | None = None,
+        kind: ApprovalKind | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+    ) -> Sequence[Approval]:
+        """Oldest first. ``status`` filters on the stored status."""
+        ...
+
+    async def decide_approval(
+        self, approval_id: str, *, approve: bool, actor: str, reason: str, at: datetime
+    ) -> Approval:
+        """Approve or deny a pending approval that has not expired at ``at``.
+
+        Raises NotFound, or `broker.core.approvals.ApprovalRefused` (``expired``: the approval
+        is recorded as expired and nothing is released; ``already-decided``).
+        """
+        ...
+
+    async def consume_approval(self, approval_id: str, binding: str, *, at: datetime) -> Approval:
+        """Use an approved approval once, for exactly the request whose binding it holds.
+
+        Raises NotFound, or `ApprovalRefused` (``binding-mismatch``, ``consumed``, ``expired``,
+        ``not-approved``); nothing changes then.
+        """
+        ...
+
+    async def expire_approval(self, approval_id: str, *, at: datetime) -> Approval:
+        """Withdraw a pending approval; any other status is returned unchanged. Raises NotFound."""
+        ...
+
+    async def expire_approvals(self, *, at: datetime) -> int:
+        """Mark every pending approval whose ``expires_at`` is at or before ``at`` expired."""
         ...
 
 

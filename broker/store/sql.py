@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -37,6 +38,16 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from broker.core.approvals import (
+    Approval,
+    ApprovalKind,
+    ApprovalRefused,
+    ApprovalStatus,
+    Problem,
+)
+from broker.core.approvals import consume as consume_approval
+from broker.core.approvals import decide as decide_approval
+from broker.core.approvals import expire as expire_approval
 from broker.core.identity import AdminRole, AdminToken, Agent, AgentStatus
 from broker.core.pinning import PinStatus, ToolPin
 from broker.core.recording import RecordedEvent, SessionRecord
@@ -47,6 +58,7 @@ from broker.store.errors import Conflict
 from broker.store.tables import (
     AdminTokenRow,
     AgentRow,
+    ApprovalRow,
     AssertionJtiRow,
     ConnectorRow,
     EventRow,
@@ -759,6 +771,97 @@ class SqlStore:
             record = _session(row)
         return record
 
+    # human approvals
+
+    async def create_approval(self, approval: Approval) -> None:
+        row = ApprovalRow(id=approval.id, **_approval_values(approval))
+        async with self._tx(write=True, conflict=f"approval {approval.id!r} already exists") as s:
+            s.add(row)
+
+    async def get_approval(self, approval_id: str) -> Approval:
+        async with self._tx(write=False) as s:
+            row = await s.get(ApprovalRow, approval_id)
+        if row is None:
+            raise NotFound(f"no approval with id {approval_id!r}")
+        return _approval(row)
+
+    async def list_approvals(
+        self,
+        *,
+        status: ApprovalStatus | None = None,
+        kind: ApprovalKind | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+    ) -> Sequence[Approval]:
+        query = select(ApprovalRow).order_by(ApprovalRow.created_at, ApprovalRow.id).limit(limit)
+        if status is not None:
+            query = query.where(ApprovalRow.status == status.value)
+        if kind is not None:
+            query = query.where(ApprovalRow.kind == kind.value)
+        if agent_id is not None:
+            query = query.where(ApprovalRow.agent_id == agent_id)
+        async with self._tx(write=False) as s:
+            rows = (await s.scalars(query)).all()
+        return [_approval(r) for r in rows]
+
+    async def _transition(
+        self, approval_id: str, step: Callable[[Approval], Approval], *, keep_expiry: bool
+    ) -> Approval:
+        """Apply a pure `broker.core.approvals` step to the row, locked, in one transaction.
+
+        With ``keep_expiry``, a refusal because the approval expired still records it as
+        expired before the refusal is raised.
+        """
+        refused: ApprovalRefused | None = None
+        async with self._tx(write=True) as s:
+            row = await s.get(ApprovalRow, approval_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no approval with id {approval_id!r}")
+            current = _approval(row)
+            try:
+                after = step(current)
+            except ApprovalRefused as exc:
+                if not (keep_expiry and exc.problem is Problem.EXPIRED):
+                    raise
+                refused, after = exc, current
+                if current.status is ApprovalStatus.PENDING:
+                    after = replace(current, status=ApprovalStatus.EXPIRED)
+            for name, value in _approval_values(after).items():
+                setattr(row, name, value)
+        if refused is not None:
+            raise refused
+        return after
+
+    async def decide_approval(
+        self, approval_id: str, *, approve: bool, actor: str, reason: str, at: datetime
+    ) -> Approval:
+        return await self._transition(
+            approval_id,
+            lambda a: decide_approval(a, approve=approve, actor=actor, reason=reason, now=at),
+            keep_expiry=True,
+        )
+
+    async def consume_approval(self, approval_id: str, binding: str, *, at: datetime) -> Approval:
+        return await self._transition(
+            approval_id, lambda a: consume_approval(a, binding, now=at), keep_expiry=True
+        )
+
+    async def expire_approval(self, approval_id: str, *, at: datetime) -> Approval:
+        return await self._transition(
+            approval_id, lambda a: expire_approval(a, now=at), keep_expiry=False
+        )
+
+    async def expire_approvals(self, *, at: datetime) -> int:
+        query = (
+            update(ApprovalRow)
+            .where(ApprovalRow.status == ApprovalStatus.PENDING.value, ApprovalRow.expires_at <= at)
+            .values(status=ApprovalStatus.EXPIRED.value, decided_at=at)
+            .returning(ApprovalRow.id)
+        )
+        async with self._tx(write=True) as s:
+            gone = (await s.execute(query)).all()
+        return len(gone)
+
 
 def _upgrade_to_head(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
@@ -894,4 +997,53 @@ def _event(row: EventRow) -> RecordedEvent:
         prev_hash=row.prev_hash,
         hash=row.hash,
         decision_id=row.decision_id,
+    )
+
+
+def _approval_values(a: Approval) -> dict[str, Any]:
+    return {
+        "kind": a.kind.value,
+        "status": a.status.value,
+        "agent_id": a.agent_id,
+        "client_id": a.client_id,
+        "task_id": a.task_id,
+        "purpose": a.purpose,
+        "binding": a.binding,
+        "scopes": list(a.scopes),
+        "connector": a.connector,
+        "tool": a.tool,
+        "arguments": None if a.arguments is None else dict(a.arguments),
+        "token_jti": a.token_jti,
+        "decision_id": a.decision_id,
+        "created_at": a.created_at,
+        "expires_at": a.expires_at,
+        "decided_at": a.decided_at,
+        "decided_by": a.decided_by,
+        "reason": a.reason,
+        "consumed_at": a.consumed_at,
+    }
+
+
+def _approval(row: ApprovalRow) -> Approval:
+    return Approval(
+        id=row.id,
+        kind=ApprovalKind(row.kind),
+        status=ApprovalStatus(row.status),
+        agent_id=row.agent_id,
+        client_id=row.client_id,
+        task_id=row.task_id,
+        purpose=row.purpose,
+        binding=row.binding,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        scopes=tuple(row.scopes),
+        connector=row.connector,
+        tool=row.tool,
+        arguments=row.arguments,
+        token_jti=row.token_jti,
+        decision_id=row.decision_id,
+        decided_at=row.decided_at,
+        decided_by=row.decided_by,
+        reason=row.reason,
+        consumed_at=row.consumed_at,
     )

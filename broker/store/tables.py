@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "AdminTokenRow",
     "AgentRow",
+    "ApprovalRow",
     "AssertionJtiRow",
     "Base",
     "ConnectorRow",
@@ -254,3 +255,38 @@ class EventRow(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONText)
     prev_hash: Mapped[str] = mapped_column(String(128))
     hash: Mapped[str] = mapped_column(String(128))
+
+
+class ApprovalRow(Base):
+    """Human approvals of held calls and pending token requests (`broker.core.approvals`)."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (
+        CheckConstraint("kind IN ('call', 'token')", name="kind"),
+        CheckConstraint(
+            "status IN ('pending', 'approved', 'denied', 'consumed', 'expired')", name="status"
+        ),
+        Index(None, "status", "kind"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str] = mapped_column(String(128))
+    purpose: Mapped[str] = mapped_column(Text)
+    binding: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]]
+    connector: Mapped[str | None] = mapped_column(String(32))
+    tool: Mapped[str | None] = mapped_column(String(255))
+    arguments: Mapped[dict[str, Any] | None] = mapped_column(JSONText)
+    """The exact canonical arguments of a held call (kept as sent: no jsonb normalisation)."""
+    token_jti: Mapped[str | None] = mapped_column(String(128))
+    decision_id: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    expires_at: Mapped[datetime]
+    decided_at: Mapped[datetime | None]
+    decided_by: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+    consumed_at: Mapped[datetime | None]
