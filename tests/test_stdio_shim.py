@@ -20,6 +20,7 @@ import httpx2
 import mcp.types as types
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.subscriptions import ToolsListChanged
 
 from broker.config import ConnectorConfig
 from broker.stdio_shim import (
@@ -125,6 +126,43 @@ async def test_progress_prompts_resources_and_completion_pass_through_the_stdio_
     assert "arg1='a'" in json.dumps(prompt.messages[0].content.model_dump())
     assert '\\"id\\": \\"7\\"' in json.dumps(resource.contents[0].model_dump())
     assert [t.uri_template for t in templates.resource_templates] == ["test://template/{id}/data"]
+
+
+async def test_tools_list_changed_reaches_a_2025_client_through_the_stdio_shim(
+    tmp_path: Path,
+) -> None:
+    async with served_broker(tmp_path) as broker:
+        agent, secret = await broker.add_agent("desktop", ["demo:use"])
+        changed = anyio.Event()
+
+        async def on_message(message: object) -> None:
+            if isinstance(message, types.ToolListChangedNotification):
+                changed.set()
+
+        params = shim_params(broker.url, agent.id, secret)
+        with anyio.fail_after(30):
+            async with Client(params, mode="legacy", message_handler=on_message) as client:
+                assert client.server_capabilities.tools is not None
+                assert client.server_capabilities.tools.list_changed
+                await client.list_tools()
+                await broker.services.front.notify_changed(tools=True)
+                await changed.wait()
+
+
+async def test_tools_list_changed_reaches_a_2026_listener_through_the_stdio_shim(
+    tmp_path: Path,
+) -> None:
+    async with served_broker(tmp_path) as broker:
+        agent, secret = await broker.add_agent("desktop", ["demo:use"])
+        params = shim_params(broker.url, agent.id, secret)
+        with anyio.fail_after(30):
+            async with (
+                Client(params, mode="2026-07-28") as client,
+                client.listen(tools_list_changed=True) as subscription,
+            ):
+                await broker.services.front.notify_changed(tools=True)
+                event = await anext(aiter(subscription))
+    assert isinstance(event, ToolsListChanged)
 
 
 async def test_a_token_renewed_before_expiry_goes_unnoticed_by_the_client(
