@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from broker.core.detectors.model import Response
 from scopes.globs import is_valid_glob
@@ -105,6 +105,12 @@ class FlowConfig(DetectorGroup):
     """Egress calls of a task whose matches add up (split exfiltration)."""
     match_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Share of a value's encoded form that must have left for a signal."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> FlowConfig:
+        if self.min_secret_chars > self.max_secret_chars:
+            raise ValueError("min_secret_chars must not exceed max_secret_chars")
+        return self
 
     @field_validator("egress_tools")
     @classmethod
