@@ -82,6 +82,8 @@ __all__ = [
     "CallApprovals",
     "CallContext",
     "CallObserver",
+    "CallRecorder",
+    "DECISION_META",
     "MediationStore",
     "Mediator",
     "TokenCheck",
@@ -92,6 +94,8 @@ __all__ = [
 logger = logging.getLogger("broker.mediation")
 
 UNTRUSTED_FLAG = "untrusted-content"
+DECISION_META = "mcp-authz-broker/decision_id"
+"""The ``_meta`` key under which an allowed call's result carries its decision id."""
 _RECORDED_ARGS_MAX = 16 * 1024
 _EXCERPT_CHARS = 2048
 _CONCURRENCY_RETRY = 1
@@ -246,10 +250,16 @@ _PIN_STATUS = {
 class _Refused(Exception):
     """A stage said no (internal control flow; never leaves the mediator)."""
 
-    def __init__(self, *reasons: Reason, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        *reasons: Reason,
+        retry_after: float | None = None,
+        decision: Decision | None = None,
+    ) -> None:
         super().__init__(",".join(reasons))
         self.reasons = reasons
         self.retry_after = retry_after
+        self.decision = decision
 
 
 # -- the mediator ------------------------------------------------------------------------------
@@ -417,7 +427,8 @@ class Mediator:
             try:
                 route, auth = await self._decide(principal, decision_id, name, raw_args)
                 if not auth.decision.allowed or route is None:
-                    raise _Refused(*(auth.decision.reasons or {Reason.SCOPE_MISSING}))
+                    reasons = auth.decision.reasons or {Reason.SCOPE_MISSING}
+                    raise _Refused(*reasons, decision=auth.decision)
                 self._limit(principal.agent_id, route.connector_id, held)
                 await self._spend_budget(principal)
             except _Refused as refused:
@@ -628,7 +639,8 @@ class Mediator:
         if not await self._record(session, EventKind.RESULT, payload, decision_id):
             return self._store_failed(decision_id, principal, started)
         self._observe("allowed", (), elapsed - downstream, downstream)
-        return result
+        meta = {**(result.meta or {}), DECISION_META: decision_id}
+        return result.model_copy(update={"meta": meta})
 
     async def _flag(self, session: _Session | None, flag: str) -> bool:
         """Flag the recorded session once; False when the store could not."""
@@ -657,7 +669,7 @@ class Mediator:
         refused: _Refused,
         started: float,
     ) -> types.CallToolResult:
-        decision = Decision.deny(decision_id, *refused.reasons)
+        decision = refused.decision or Decision.deny(decision_id, *refused.reasons)
         payload = _decision_payload(name, route, decision, arguments, None)
         if not await self._record(session, EventKind.DECISION, payload, decision_id):
             return self._store_failed(decision_id, principal, started)
