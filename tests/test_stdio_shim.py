@@ -31,6 +31,7 @@ from broker.stdio_shim import (
     TaskTokenAuth,
     TokenClient,
 )
+from connectors import ToolSet
 from tests.test_examples import REPO, VENV_BIN, served_broker
 
 ERAS = ["legacy", "2026-07-28"]
@@ -48,6 +49,39 @@ FIXTURE_SCOPES = """\
 name = "conf:all"
 [[scope.grant]]
 connector = "conf"
+tools = ["*"]
+"""
+
+
+class CancelProbe:
+    """What the in-broker ``hang`` tool saw; fresh events per test."""
+
+    started: anyio.Event
+    cancelled: anyio.Event
+
+
+PROBE = CancelProbe()
+HANG_TOOLS = ToolSet()
+
+
+@HANG_TOOLS.tool
+async def hang() -> str:
+    """Wait until cancelled."""
+    PROBE.started.set()
+    try:
+        await anyio.sleep_forever()
+    except anyio.get_cancelled_exc_class():
+        PROBE.cancelled.set()
+        raise
+    return "never"  # pragma: no cover
+
+
+HANG = ConnectorConfig(id="slow", kind="native", target="tests.test_stdio_shim:HANG_TOOLS")
+HANG_SCOPES = """\
+[[scope]]
+name = "slow:use"
+[[scope.grant]]
+connector = "slow"
 tools = ["*"]
 """
 
@@ -163,6 +197,25 @@ async def test_tools_list_changed_reaches_a_2026_listener_through_the_stdio_shim
                 await broker.services.front.notify_changed(tools=True)
                 event = await anext(aiter(subscription))
     assert isinstance(event, ToolsListChanged)
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_a_client_cancelling_a_call_cancels_it_in_the_broker_through_the_stdio_shim(
+    tmp_path: Path, mode: str
+) -> None:
+    PROBE.started, PROBE.cancelled = anyio.Event(), anyio.Event()
+    async with served_broker(tmp_path, connectors=(HANG,), scopes_toml=HANG_SCOPES) as broker:
+        agent, secret = await broker.add_agent("desktop", ["slow:use"])
+        params = shim_params(broker.url, agent.id, secret)
+        with anyio.fail_after(30):
+            async with Client(params, mode=mode) as client:  # pyright: ignore[reportArgumentType]
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.call_tool, "slow__hang", {})
+                    await PROBE.started.wait()
+                    tg.cancel_scope.cancel()
+                await PROBE.cancelled.wait()
+                still_there = await client.list_tools()
+    assert [t.name for t in still_there.tools] == ["slow__hang"]
 
 
 async def test_a_token_renewed_before_expiry_goes_unnoticed_by_the_client(
