@@ -21,6 +21,7 @@ import mcp.types as types
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.subscriptions import ToolsListChanged
+from mcp.shared.message import ClientMessageMetadata, SessionMessage
 
 from broker.config import ConnectorConfig
 from broker.stdio_shim import (
@@ -30,6 +31,7 @@ from broker.stdio_shim import (
     ShimSettings,
     TaskTokenAuth,
     TokenClient,
+    relay,
 )
 from connectors import ToolSet
 from tests.test_examples import REPO, VENV_BIN, served_broker
@@ -501,3 +503,40 @@ def test_a_modern_request_gets_method_name_and_param_headers(era: EraHeaders) ->
         "mcp-method": "resources/read",
         "mcp-name": "test://a",
     }
+
+
+async def test_the_relay_stamps_headers_upstream_and_answers_an_unparsable_line_itself() -> None:
+    client_in_w, client_in = anyio.create_memory_object_stream[SessionMessage | Exception](8)
+    client_out, client_out_r = anyio.create_memory_object_stream[SessionMessage](8)
+    broker_in_w, broker_in = anyio.create_memory_object_stream[SessionMessage | Exception](8)
+    broker_out, broker_out_r = anyio.create_memory_object_stream[SessionMessage](8)
+    listing = request(7, "tools/list", MODERN_META)
+    async with (
+        client_in_w,
+        client_in,
+        client_out,
+        client_out_r,
+        broker_in_w,
+        broker_in,
+        broker_out,
+        broker_out_r,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(relay, client_in, client_out, broker_in, broker_out)
+        with anyio.fail_after(5):
+            await client_in_w.send(ValueError("not JSON"))
+            parse_error = (await client_out_r.receive()).message
+            await client_in_w.send(SessionMessage(listing))
+            posted = await broker_out_r.receive()
+            await broker_in_w.send(SessionMessage(response(7, {"tools": []})))
+            answered = (await client_out_r.receive()).message
+        assert isinstance(parse_error, types.JSONRPCError)
+        assert (parse_error.id, parse_error.error.code) == (None, types.PARSE_ERROR)
+        assert posted.message == listing
+        assert isinstance(posted.metadata, ClientMessageMetadata)
+        assert posted.metadata.headers == {
+            "mcp-protocol-version": "2026-07-28",
+            "mcp-method": "tools/list",
+        }
+        assert answered == response(7, {"tools": []})
+        tg.cancel_scope.cancel()
