@@ -89,6 +89,7 @@ __all__ = [
     "TokenCheck",
     "denial",
     "new_decision_id",
+    "token_policy",
 ]
 
 logger = logging.getLogger("broker.mediation")
@@ -350,23 +351,20 @@ class Mediator:
                 logger.warning("unusable verified claims", extra={"jti": principal.token_id})
                 problem = Reason.TOKEN_INVALID
         order = claims.scopes if claims is not None else tuple(sorted(principal.scopes))
-        # Scope names the broker does not define grant nothing.
-        definitions = tuple(
-            self._by_name[n] for n in order if n in principal.scopes and n in self._by_name
-        )
-        narrowing = ()
         details = raw.get("authorization_details") if raw else None
-        if details is not None:
-            try:
-                narrowing = parse_authorization_details(list(details))
-            except (ScopeError, TypeError):
-                logger.warning("unusable authorization_details", extra={"jti": principal.token_id})
-                problem = problem or Reason.DECISION_ERROR
+        try:
+            policy = token_policy(
+                [n for n in order if n in principal.scopes], details, self._by_name
+            )
+        except (ScopeError, TypeError):
+            logger.warning("unusable authorization_details", extra={"jti": principal.token_id})
+            policy = TokenPolicy(())
+            problem = problem or Reason.DECISION_ERROR
         budget = claims.budget if claims is not None else None
         if claims is None and raw and isinstance(raw.get("budget"), int):
             budget = raw["budget"]
         expires = claims.exp if claims is not None else None
-        return _Token(TokenPolicy(definitions, narrowing), claims, budget, expires, problem)
+        return _Token(policy, claims, budget, expires, problem)
 
     def token_problem(self, principal: Principal, token: _Token) -> Reason | None:
         """Why this token may not be used now (revocation view), or None."""
@@ -818,6 +816,28 @@ class Mediator:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def token_policy(
+    scope_names: Iterable[str],
+    authorization_details: object,
+    definitions: Mapping[str, ScopeDefinition],
+) -> TokenPolicy:
+    """A token's policy: its scopes (in token order) resolved to definitions, plus narrowing.
+
+    Scope names the broker does not define grant nothing. ``authorization_details`` None means
+    no narrowing.
+
+    Raises:
+        ScopeError: the authorization details cannot be parsed (the token reaches nothing).
+    """
+    resolved = tuple(definitions[n] for n in scope_names if n in definitions)
+    narrowing = ()
+    if authorization_details is not None:
+        if not isinstance(authorization_details, list | tuple):
+            raise TypeError("authorization_details must be an array")
+        narrowing = parse_authorization_details(list(authorization_details))  # pyright: ignore[reportUnknownArgumentType]
+    return TokenPolicy(resolved, narrowing)
 
 
 def _rate(per_minute: float, burst: int) -> RateLimit | None:
