@@ -45,6 +45,7 @@ class Services:
     tokens: Any = None
     registry: Any = None
     front: Any = None
+    recorder: Any = None
     scopes: dict[str, Any] = field(default_factory=dict[str, Any])
     ready: bool = False
 
@@ -114,6 +115,7 @@ def create_app(
 async def _start(services: Services, stack: AsyncExitStack) -> None:
     from broker.keys import KeyRing, ensure_signing_key
     from broker.mcp_front import McpFront
+    from broker.recorder import Recorder
     from broker.registry import Registry
     from broker.revocations import RevocationCache
     from broker.token_service import TokenService
@@ -145,6 +147,9 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
     except ScopeError as exc:
         raise ConfigError(str(exc)) from None
     services.scopes = {d.name: d for d in definitions}
+    services.recorder = await stack.enter_async_context(
+        Recorder(store, clock=clock, redactor=_redactor(config, services.environ))
+    )
     services.verifier = BrokerTokenVerifier.from_config(
         config, services.keyring, services.revocations, clock, store
     )
@@ -168,6 +173,24 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
         server_config=config.server,
     )
     await stack.enter_async_context(services.front.lifespan())
+
+
+def _redactor(config: BrokerConfig, environ: Mapping[str, str]) -> Any:
+    """The record's redactor: the configured HMAC key, and every connector credential as known."""
+    from broker.config import resolve_secret
+    from broker.core.redaction import Redactor
+    from broker.keys import ensure_recording_key
+
+    ensure_recording_key(config.recording.hmac_key, config.base_dir)
+    key = resolve_secret(config.recording.hmac_key, environ, config.base_dir)
+    if len(key.encode()) < 16:
+        raise ConfigError("recording.hmac_key: the key must be at least 16 bytes")
+    known: list[str] = []
+    for connector in config.connectors:
+        for value in (*connector.env.values(), *connector.headers.values()):
+            if value.startswith(("env:", "file:")):
+                known.append(resolve_secret(value, environ, config.base_dir))
+    return Redactor(key.encode(), known=known, excerpt_chars=config.recording.excerpt_chars)
 
 
 def _routes(services: Services) -> list[BaseRoute]:

@@ -31,6 +31,7 @@ __all__ = [
     "ConnectorConfig",
     "LimitsConfig",
     "OutputConfig",
+    "RecordingConfig",
     "ServerConfig",
     "StoreConfig",
     "TokenConfig",
@@ -146,6 +147,22 @@ class ApprovalConfig(_Model):
     """Seconds an agent is told to wait between polls (OAuth ``interval``)."""
 
 
+class RecordingConfig(_Model):
+    """``[recording]``: the session record's redaction key and excerpt size."""
+
+    hmac_key: str = "file:keys/recording.key"
+    """Reference (``file:``/``env:``) to the key that turns recorded secrets into HMACs, so equal
+    values correlate without being stored. At least 16 bytes; `broker init` writes one."""
+    excerpt_chars: Annotated[int, Field(ge=0, le=65536)] = 2048
+
+    @field_validator("hmac_key")
+    @classmethod
+    def _a_reference(cls, v: str) -> str:
+        if not _REF_RE.match(v):
+            raise ValueError("expected a reference, 'file:PATH' or 'env:NAME', never the key")
+        return v
+
+
 class ConnectorConfig(_Model):
     """``[[connectors]]``: one downstream tool source."""
 
@@ -203,6 +220,7 @@ class BrokerConfig(_Model):
     limits: LimitsConfig = LimitsConfig()
     output: OutputConfig = OutputConfig()
     approvals: ApprovalConfig = ApprovalConfig()
+    recording: RecordingConfig = RecordingConfig()
     scope_files: tuple[Path, ...] = ()
     connectors: tuple[ConnectorConfig, ...] = ()
     base_dir: Path = Path(".")

@@ -270,3 +270,21 @@ class KeyRing:
                 if now is None or self._verifying(r, now)
             ]
         }
+
+
+def ensure_recording_key(ref: str, base_dir: Path) -> None:
+    """Create the recording HMAC key file ``ref`` names (``file:PATH``) unless it exists.
+
+    The key is 32 random bytes written as hex, mode 0600 in a 0700 folder. An ``env:`` reference
+    is the operator's to provide and is left alone.
+    """
+    if not ref.startswith("file:"):
+        return
+    path = Path(ref[5:])
+    path = path if path.is_absolute() else base_dir / path
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secrets.token_hex(32) + "\n")

@@ -66,9 +66,10 @@ def init(
 
     async def body() -> str:
         from broker.admin_tokens import create_admin_token
-        from broker.keys import ensure_signing_key
+        from broker.keys import ensure_recording_key, ensure_signing_key
 
         now = datetime.now(UTC)
+        ensure_recording_key(cfg.recording.hmac_key, cfg.base_dir)
         async with open_store(cfg, migrate=True) as store:
             kid = await ensure_signing_key(store, cfg.tokens.keys_dir, now)
             _, raw = await create_admin_token(store, role=AdminRole.ADMIN, name="initial", now=now)

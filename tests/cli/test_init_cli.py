@@ -40,8 +40,11 @@ async def test_init_with_examples_writes_private_files_and_approves_the_example_
     db = tmp_path / "broker.db"
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     assert stat.S_IMODE(config.tokens.keys_dir.stat().st_mode) == 0o700
-    (key,) = config.tokens.keys_dir.iterdir()
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    keys = sorted(p.name for p in config.tokens.keys_dir.iterdir())
+    assert "recording.key" in keys
+    assert len(keys) == 2  # the signing key and the recording key
+    for key in config.tokens.keys_dir.iterdir():
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert {c.id for c in config.connectors} == {"time", "demo"}
 
     store = open_store(config.store.url)
