@@ -19,10 +19,14 @@ __all__ = [
     "ChangeListener",
     "Connector",
     "ConnectorSpec",
+    "EgressPolicy",
     "HttpSpec",
     "JSONValue",
     "NativeSpec",
     "ProgressCallback",
+    "ResourceLimits",
+    "SandboxMode",
+    "SandboxSpec",
     "StdioSpec",
 ]
 
@@ -55,6 +59,70 @@ class _BaseSpec:
     """Filesystem roots the broker answers `roots/list` with (file:// URIs are built from these)."""
 
 
+class SandboxMode(StrEnum):
+    """Whether a stdio connector must, may or must not run in a sandbox."""
+
+    REQUIRED = "required"
+    """Refuse to start where the platform cannot sandbox."""
+    AUTO = "auto"
+    """Sandbox where the platform can; otherwise run unsandboxed and log a warning each spawn."""
+    OFF = "off"
+    """Never sandbox (an explicit opt-out, shown by `describe_sandbox`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceLimits:
+    """Per-process rlimits inside the sandbox (``None`` leaves that limit as inherited)."""
+
+    address_space: int | None = 8 * 1024**3
+    """RLIMIT_AS in bytes; Node reserves several GiB of address space, so keep this generous."""
+    processes: int | None = 256
+    """RLIMIT_NPROC (threads count). Counted per uid: see `SandboxSpec.uid`."""
+    open_files: int | None = 1024
+    """RLIMIT_NOFILE."""
+    cpu_seconds: int | None = 3600
+    """RLIMIT_CPU: cumulative CPU seconds of one child; past it the child is killed (restarted)."""
+    file_size: int | None = 1024**3
+    """RLIMIT_FSIZE in bytes: the largest file the child may write."""
+    tmpfs_size: int = 64 * 1024**2
+    """Size of the private /tmp in bytes."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EgressPolicy:
+    """Where a sandboxed connector may connect, through the broker's egress proxy only."""
+
+    hosts: tuple[str, ...]
+    """Names (``api.example.com``), subdomain wildcards (``*.example.com``) or IP literals."""
+    ports: tuple[int, ...] = (80, 443)
+    allow_private: bool = False
+    """Allow RFC 1918, unique-local (fc00::/7) and CGNAT (100.64/10) addresses."""
+    allow_networks: tuple[str, ...] = ()
+    """CIDRs allowed even though they are refused by default (loopback, link-local, ...)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxSpec:
+    """How a stdio connector is jailed (see `connectors.sandbox` for what each field becomes)."""
+
+    mode: SandboxMode = SandboxMode.AUTO
+    read_paths: tuple[str, ...] = ()
+    """Absolute paths shown read-only: the paths the connector's scopes name."""
+    write_paths: tuple[str, ...] = ()
+    """Absolute paths shown read-write (the connector's ``writable_paths``)."""
+    runtime_paths: tuple[str, ...] = ()
+    """Extra read-only runtime files beyond the discovered interpreter, venv and package."""
+    deny_paths: tuple[str, ...] = ()
+    """The broker's own files (config, keys, database): a mount that is, holds or sits inside one
+    of these is refused."""
+    egress: EgressPolicy | None = None
+    """``None``: no network at all. Otherwise only the egress proxy, with this policy."""
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    uid: int = 65534
+    gid: int = 65534
+    """Identity inside the sandbox. When the broker runs as root this is also the host uid."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StdioSpec(_BaseSpec):
     """An MCP server run as a subprocess: fixed argv, no shell, allowlisted environment."""
@@ -68,6 +136,10 @@ class StdioSpec(_BaseSpec):
     cwd: str | None = None
     restart_backoff: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)
     max_restarts: int = 5
+    sandbox: SandboxSpec | None = None
+    """``None``: not sandboxed (the library default; the broker's config defaults to ``auto``)."""
+    expected_provenance: str | None = None
+    """The approved provenance digest: a spawn whose executable or package differs is refused."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

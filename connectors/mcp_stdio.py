@@ -13,7 +13,16 @@ stderr can be had. This module spawns the child itself:
 - shutdown closes stdin, waits `STDIN_GRACE`, sends SIGTERM to the group, waits `TERM_GRACE`,
   then SIGKILL; it runs shielded, so a cancelled caller cannot leave the child behind;
 - a child that exits makes in-flight calls fail at once with ``ConnectorBroken("stdio server
-  'fs' exited with code 1")``, and the supervisor restarts it with the spec's backoff.
+  'fs' exited with code 1")``, and the supervisor restarts it with the spec's backoff;
+- with ``spec.sandbox`` (mode ``required`` or ``auto``) each spawn runs inside the bubblewrap
+  jail `connectors.sandbox.plan_sandbox` builds (and, when the spec declares egress, behind a
+  fresh unix socket of the `connectors.egress.EgressProxy` passed as ``egress``); ``required``
+  on a platform that cannot sandbox is refused at construction, ``auto`` logs a warning and
+  runs unsandboxed. Unsandboxed children are started through ``setpriv --pdeathsig KILL`` so
+  they die with the broker even when it is SIGKILLed (bubblewrap's ``--die-with-parent`` does
+  the same for jails);
+- with ``spec.expected_provenance`` each spawn first recomputes the connector's provenance
+  digest (`connectors.provenance`) and refuses to run anything else.
 """
 
 from __future__ import annotations
@@ -31,8 +40,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from mcp.shared.message import SessionMessage
 
 from connectors._mcp import Link, McpConnector
-from connectors.base import StdioSpec
+from connectors.base import SandboxMode, StdioSpec
+from connectors.egress import EgressListener, EgressProxy
 from connectors.errors import ConnectorConfigError
+from connectors.provenance import ProvenanceChanged, connector_provenance
+from connectors.sandbox import SandboxUnavailable, plan_sandbox, probe_sandbox
 
 __all__ = ["STDIN_GRACE", "TERM_GRACE", "StdioConnector", "child_environment"]
 
@@ -53,6 +65,9 @@ MAX_LINE = 16 * 1024 * 1024
 MAX_STDERR_LINE = 8 * 1024
 """Longer stderr lines are cut before logging."""
 
+SETPRIV = "/usr/bin/setpriv"
+"""util-linux; gives unsandboxed children PR_SET_PDEATHSIG without a pre-exec hook."""
+
 
 def child_environment(spec: StdioSpec, environ: Mapping[str, str]) -> dict[str, str]:
     """The child's whole environment: allowlisted names from ``environ``, then ``spec.env``."""
@@ -66,11 +81,21 @@ class StdioConnector(McpConnector):
 
     kind = "stdio"
 
-    def __init__(self, spec: StdioSpec, *, environ: Mapping[str, str] | None = None) -> None:
-        """``environ`` is the broker's environment the allowlist draws from (default: os.environ).
+    def __init__(
+        self,
+        spec: StdioSpec,
+        *,
+        environ: Mapping[str, str] | None = None,
+        egress: EgressProxy | None = None,
+    ) -> None:
+        """``environ`` is the broker's environment the allowlist draws from (default: os.environ);
+        ``egress`` is the proxy a sandboxed connector that declares egress goes out through.
 
         Raises:
-            ConnectorConfigError: ``spec.command`` is empty.
+            ConnectorConfigError: ``spec.command`` is empty, the sandbox paths are invalid, or
+                egress is declared without a proxy.
+            SandboxUnavailable: ``spec.sandbox.mode`` is ``required`` and the platform cannot
+                sandbox (the message says why).
         """
         if not spec.command:
             raise ConnectorConfigError(f"stdio connector '{spec.id}' has an empty command")
@@ -78,6 +103,32 @@ class StdioConnector(McpConnector):
         self.spec = spec
         self._env = child_environment(spec, os.environ if environ is None else environ)
         self._pid: int | None = None
+        self._egress = egress
+        self._sandboxed = False
+        box = spec.sandbox
+        if box is not None and box.mode is not SandboxMode.OFF:
+            support = probe_sandbox()
+            if support.available:
+                if box.egress is not None and egress is None:
+                    raise ConnectorConfigError(
+                        f"stdio connector '{spec.id}' declares egress but no egress proxy runs"
+                    )
+                plan_sandbox(spec, self._env, support=support)  # fail early on bad paths
+                self._sandboxed = True
+            elif box.mode is SandboxMode.REQUIRED:
+                raise SandboxUnavailable(
+                    f"stdio connector '{spec.id}' requires a sandbox: {support.reason}"
+                )
+            else:
+                logger.warning(
+                    "SANDBOX UNAVAILABLE: stdio connector runs unsandboxed",
+                    extra={"connector": spec.id, "reason": support.reason},
+                )
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether each spawn runs inside the bubblewrap jail."""
+        return self._sandboxed
 
     @property
     def pid(self) -> int | None:
@@ -115,14 +166,64 @@ _Streams = tuple[
 async def _child_transport(
     owner: StdioConnector, died: Callable[[str], None]
 ) -> AsyncIterator[_Streams]:
-    spec = owner.spec
     describe = owner._describe()  # pyright: ignore[reportPrivateUsage]
-    process = await anyio.open_process(
-        [spec.command, *spec.args],
-        env=owner._env,  # pyright: ignore[reportPrivateUsage]
-        cwd=spec.cwd,
-        start_new_session=True,
-    )
+    async with AsyncExitStack() as stack:
+        argv, env, cwd = await _launch(owner, stack)
+        process = await anyio.open_process(argv, env=env, cwd=cwd, start_new_session=True)
+        async with _supervised(owner, process, describe, died) as streams:
+            yield streams
+
+
+async def _launch(
+    owner: StdioConnector, stack: AsyncExitStack
+) -> tuple[list[str], dict[str, str], str | None]:
+    """The argv, environment and cwd of one spawn: provenance checked, jailed when configured."""
+    spec = owner.spec
+    env: dict[str, str] = owner._env  # pyright: ignore[reportPrivateUsage]
+    if spec.expected_provenance is not None:
+        seen = await anyio.to_thread.run_sync(connector_provenance, spec, env)
+        if seen.digest != spec.expected_provenance:
+            logger.error(
+                "stdio server provenance changed",
+                extra={
+                    "connector": spec.id,
+                    "expected": spec.expected_provenance,
+                    "seen": seen.digest,
+                },
+            )
+            raise ProvenanceChanged(
+                f"stdio server '{spec.id}' is not what was approved: provenance "
+                f"{seen.digest[:12]} != approved {spec.expected_provenance[:12]}"
+            )
+    box = spec.sandbox
+    if box is None or box.mode is SandboxMode.OFF or not owner.sandboxed:
+        if box is not None and box.mode is SandboxMode.AUTO:
+            logger.warning(
+                "SANDBOX UNAVAILABLE: spawning unsandboxed", extra={"connector": spec.id}
+            )
+        prefix = [SETPRIV, "--pdeathsig", "KILL", "--"] if os.access(SETPRIV, os.X_OK) else []
+        return [*prefix, spec.command, *spec.args], env, spec.cwd
+    socket_path: str | None = None
+    if box.egress is not None:
+        proxy = owner._egress  # pyright: ignore[reportPrivateUsage]
+        if proxy is None:  # checked at construction; kept for the type checker
+            raise ConnectorConfigError(f"stdio connector '{spec.id}' has no egress proxy")
+        listener: EgressListener = await proxy.listen(spec.id, box.egress)
+        stack.push_async_callback(listener.aclose)
+        socket_path = listener.path
+    plan = plan_sandbox(spec, env, egress_socket=socket_path)
+    logger.info("stdio server sandboxed", extra={"connector": spec.id, "network": plan.network})
+    return list(plan.argv), dict(plan.env), None
+
+
+@asynccontextmanager
+async def _supervised(
+    owner: StdioConnector,
+    process: anyio.abc.Process,
+    describe: str,
+    died: Callable[[str], None],
+) -> AsyncIterator[_Streams]:
+    spec = owner.spec
     owner._pid = process.pid  # pyright: ignore[reportPrivateUsage]
     extra = {"connector": spec.id, "pid": process.pid}
     logger.info("stdio server started", extra=extra)
