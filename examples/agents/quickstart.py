@@ -5,8 +5,13 @@ the provider follows the protected-resource metadata to the broker's authorizati
 metadata, obtains a capability token with client credentials for the scopes this task needs, and
 retries. Then it lists the tools its token reaches and calls one.
 
+The SDK's provider sends no ``scope`` when the broker advertises none (it replaces its configured
+scope with the advertised list), so the token carries the agent's registered scopes that need no
+human approval. An agent that wants a narrower task token asks for it explicitly: see
+``task_agent.py``.
+
     BROKER_URL=http://127.0.0.1:8765 BROKER_CLIENT_ID=agt_... BROKER_CLIENT_SECRET=... \\
-        python examples/agents/quickstart.py [--scope "time:read"] [--tool NAME --args JSON]
+        python examples/agents/quickstart.py [--tool NAME --args JSON]
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ async def run(
     base_url: str,
     client_id: str,
     secret: str,
-    scope: str,
     tool: str | None,
     arguments: dict[str, object],
 ) -> int:
@@ -58,7 +62,6 @@ async def run(
         storage=MemoryTokenStorage(),
         client_id=client_id,
         client_secret=secret,
-        scope=scope,
         issuer=base_url,
     )
     async with (
@@ -66,7 +69,7 @@ async def run(
         Client(streamable_http_client(f"{base_url}/mcp", http_client=http)) as client,
     ):
         tools = (await client.list_tools()).tools
-        print(f"{len(tools)} tools reachable with scope '{scope}':")
+        print(f"{len(tools)} tools reachable:")
         for t in tools:
             print(f"  {t.name}: {(t.description or '').splitlines()[0] if t.description else ''}")
         if tool is None:
@@ -82,7 +85,6 @@ async def run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--scope", default=os.environ.get("BROKER_SCOPE", "time:read demo:use"))
     parser.add_argument("--tool", default=None)
     parser.add_argument("--args", default="{}", help="tool arguments as a JSON object")
     ns = parser.parse_args()
@@ -93,7 +95,7 @@ def main() -> int:
     except KeyError as missing:
         print(f"set {missing.args[0]} (see `broker agents add --help`)", file=sys.stderr)
         return 2
-    return anyio.run(run, base, client_id, secret, ns.scope, ns.tool, json.loads(ns.args))
+    return anyio.run(run, base, client_id, secret, ns.tool, json.loads(ns.args))
 
 
 if __name__ == "__main__":
