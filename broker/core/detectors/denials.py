@@ -68,6 +68,9 @@ def observe_denials(
     state: DenialState, obs: Observation, text: str, t: float, cfg: DenialsConfig
 ) -> tuple[DenialState, list[Signal]]:
     """Count this call's refusal and near misses; signal a burst or probing."""
+    refusal = not obs.allowed and bool(obs.reasons & PROBE_REASONS)
+    if not refusal and not state.refused:
+        return state, []
     cutoff = t - cfg.window_seconds
     key = obs.key
     signals: list[Signal] = []
@@ -98,7 +101,7 @@ def observe_denials(
                 )
             )
 
-    if not obs.allowed and obs.reasons & PROBE_REASONS:
+    if refusal:
         denials = (*_recent(denials, cutoff, cfg.burst - 1), (t, obs.decision_id))
         if len(denials) >= cfg.burst:
             signals.append(

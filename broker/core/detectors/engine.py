@@ -34,6 +34,7 @@ from broker.core.detectors.model import (
 )
 from broker.core.detectors.profile import ProfileState, check_profile, learn_profile
 from broker.core.detectors.rate import RateState, observe_rate
+from broker.core.detectors.secrets import Hit
 from scopes import Label, ToolPatterns
 
 __all__ = [
@@ -45,6 +46,24 @@ __all__ = [
     "observe_result",
     "precheck",
 ]
+
+
+_NO_HITS: frozenset[Hit] = frozenset()
+_SETTINGS: dict[DetectorId, tuple[str, str]] = {
+    DetectorId.DENIAL_BURST: ("denials", "burst_response"),
+    DetectorId.PROBING: ("denials", "probing_response"),
+    DetectorId.RATE_SPIKE: ("rate", "spike_response"),
+    DetectorId.RATE_CAP: ("rate", "cap_response"),
+    DetectorId.OFF_PROFILE: ("profile", "off_profile_response"),
+    DetectorId.HIGH_RISK_FIRST_USE: ("profile", "high_risk_response"),
+    DetectorId.LETHAL_TRIFECTA: ("flow", "trifecta_response"),
+    DetectorId.SECRET_ECHO: ("flow", "secret_echo_response"),
+    DetectorId.REPEATED_CALL: ("loops", "repeat_response"),
+    DetectorId.READ_BUDGET: ("loops", "budget_response"),
+    DetectorId.TOKEN_SHARED: ("tokens", "shared_response"),
+    DetectorId.TASK_CLOSED_USE: ("tokens", "closed_task_response"),
+}
+"""Detector -> (group of `DetectorsConfig`, the group's response field)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,31 +109,9 @@ class Rules:
     def setting(self, detector: DetectorId) -> tuple[DetectorGroup, Response]:
         """The detector's group settings and configured response."""
         c = self.config
-        match detector:
-            case DetectorId.DENIAL_BURST:
-                return c.denials, c.denials.burst_response
-            case DetectorId.PROBING:
-                return c.denials, c.denials.probing_response
-            case DetectorId.RATE_SPIKE:
-                return c.rate, c.rate.spike_response
-            case DetectorId.RATE_CAP:
-                return c.rate, c.rate.cap_response
-            case DetectorId.OFF_PROFILE:
-                return c.profile, c.profile.off_profile_response
-            case DetectorId.HIGH_RISK_FIRST_USE:
-                return c.profile, c.profile.high_risk_response
-            case DetectorId.LETHAL_TRIFECTA:
-                return c.flow, c.flow.trifecta_response
-            case DetectorId.SECRET_ECHO:
-                return c.flow, c.flow.secret_echo_response
-            case DetectorId.REPEATED_CALL:
-                return c.loops, c.loops.repeat_response
-            case DetectorId.READ_BUDGET:
-                return c.loops, c.loops.budget_response
-            case DetectorId.TOKEN_SHARED:
-                return c.tokens, c.tokens.shared_response
-            case DetectorId.TASK_CLOSED_USE:
-                return c.tokens, c.tokens.closed_task_response
+        group, field_name = _SETTINGS[detector]
+        settings: DetectorGroup = getattr(c, group)
+        return settings, getattr(settings, field_name)
 
     def resolve(self, signals: list[Signal], untrusted_task: bool) -> Verdict:
         """Give each signal its response: configured, capped after untrusted input, shadowed."""
@@ -171,7 +168,7 @@ def precheck(
         signals += found
         signals += check_budget(loops, ref, cfg.loops)
     flow = task.flow
-    hits = frozenset[tuple[int, int]]()
+    hits = _NO_HITS
     if cfg.flow.enabled:
         egress = Label.EGRESS in obs.labels or (
             rules.egress is not None and rules.egress.matches(obs.key)

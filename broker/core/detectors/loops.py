@@ -36,10 +36,13 @@ def observe_repeat(
     state: LoopState, digest: bytes, ref: str, t: float, cfg: LoopsConfig
 ) -> tuple[LoopState, list[Signal]]:
     """Remember this call; signal when it repeats ``max_repeats`` times in the window."""
-    cutoff = t - cfg.window_seconds
     recent = state.recent[max(0, len(state.recent) - cfg.recent_calls + 1) :]
-    same = [r for d, at, r in recent if d == digest and at >= cutoff]
     state = LoopState((*recent, (digest, t, ref)), state.bytes_read, state.budget_ref)
+    # Cheap pre-count over the digests alone; the windowed count only when it could matter.
+    if sum(1 for entry in recent if entry[0] == digest) + 1 < cfg.max_repeats:
+        return state, []
+    cutoff = t - cfg.window_seconds
+    same = [r for d, at, r in recent if d == digest and at >= cutoff]
     if len(same) + 1 < cfg.max_repeats:
         return state, []
     signal = Signal(

@@ -93,6 +93,12 @@ def check_profile(
 def learn_profile(state: ProfileState, obs: Observation, cfg: ProfileConfig) -> ProfileState:
     """Add a call that went through to the agent's profile for its category."""
     key = obs.key
+    profiles = state.profiles
+    old = profiles[-1] if profiles and profiles[-1].category == obs.category else None
+    if old is not None and key in old.tools and key in state.seen:
+        # The common case: the newest profile, a known tool. Only the counters move.
+        newest = Profile(old.category, old.tools, old.connectors, old.calls + 1)
+        return ProfileState((*profiles[:-1], newest), state.seen, state.calls + 1)
     old = _find(state, obs.category)
     if old is None:
         profile = Profile(obs.category, frozenset({key}), frozenset({obs.connector}), 1)

@@ -52,13 +52,15 @@ def observe_rate(
     state = RateState(state.minute, count, state.previous, state.ewma, state.seen)
     into = max(0.0, t / 60 - state.minute)
     rate = count + state.previous * (1 - into)
+    threshold = max(float(cfg.spike_floor_per_minute), cfg.spike_factor * state.ewma)
+    if rate <= threshold and rate <= cfg.cap_per_minute:
+        return state, []
     values = (("calls_per_minute", round(rate, 2)), ("baseline_per_minute", round(state.ewma, 2)))
     signals: list[Signal] = []
     if rate > cfg.cap_per_minute:
         signals.append(
             Signal(DetectorId.RATE_CAP, (*values, ("cap_per_minute", cfg.cap_per_minute)), (ref,))
         )
-    threshold = max(float(cfg.spike_floor_per_minute), cfg.spike_factor * state.ewma)
     if rate > threshold:
         signals.append(
             Signal(DetectorId.RATE_SPIKE, (*values, ("threshold", round(threshold, 2))), (ref,))
