@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -246,6 +246,9 @@ class TaskTokenAuth(httpx2.Auth):
                 except ShimError as exc:
                     logger.warning("task token renewal failed: %s", exc)
             return token
+
+    def sync_auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response]:
+        raise RuntimeError("TaskTokenAuth renews tokens asynchronously: use httpx2.AsyncClient")
 
     async def async_auth_flow(
         self, request: httpx2.Request
