@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from broker.core.detectors.config import DetectorsConfig
 from broker.errors import ConfigError
 
 __all__ = [
@@ -221,6 +222,7 @@ class BrokerConfig(_Model):
     output: OutputConfig = OutputConfig()
     approvals: ApprovalConfig = ApprovalConfig()
     recording: RecordingConfig = RecordingConfig()
+    detectors: DetectorsConfig = DetectorsConfig()
     scope_files: tuple[Path, ...] = ()
     connectors: tuple[ConnectorConfig, ...] = ()
     base_dir: Path = Path(".")

@@ -12,8 +12,10 @@ Modules:
     tokens      capability-token claims, minting and verification (one reason per failed check)
     revocation  the revocation view and the check every token use goes through
     delegation  RFC 8693 token exchange rules: a child never widens its parent
-    policy      decide(request, now) -> Decision; deny overrides allow, nothing granted is deny
+    policy      decide(request) -> Authorization; the first failing stage denies
+    limits      rate limits as a pure token bucket
     pinning     tool-definition digests (rug-pull protection)
     recording   the shape of recorded events and their hash chain
-    anomaly     behavioural detectors: online, bounded state
+    redaction   secrets replaced by keyed HMACs before anything is recorded
+    detectors   behavioural detectors: online, bounded state, a response chosen per detector
 """
