@@ -545,7 +545,7 @@ class Mediator:
                 if not await self._record(
                     session,
                     EventKind.DECISION,
-                    _decision_payload(route.name, route, auth.decision, canonical, auth),
+                    lambda: _decision_payload(route.name, route, auth.decision, canonical, auth),
                     decision_id,
                 ):
                     return self._store_failed(decision_id, principal, started)
@@ -624,16 +624,20 @@ class Mediator:
             if not await self._flag(session, UNTRUSTED_FLAG):
                 return self._store_failed(decision_id, principal, started)
         elapsed = time.perf_counter() - started
-        payload = {
-            "is_error": bool(result.is_error),
-            "bytes": shaped.size,
-            "excerpt": _excerpt(result),
-            "latency_ms": round(elapsed * 1000, 3),
-            "downstream_ms": round(downstream * 1000, 3),
-            "truncated": shaped.truncated,
-            "redactions": list(shaped.redactions),
-            "flags": flags,
-        }
+        shown = result
+
+        def payload() -> dict[str, Any]:
+            return {
+                "is_error": bool(shown.is_error),
+                "bytes": shaped.size,
+                "excerpt": _excerpt(shown),
+                "latency_ms": round(elapsed * 1000, 3),
+                "downstream_ms": round(downstream * 1000, 3),
+                "truncated": shaped.truncated,
+                "redactions": list(shaped.redactions),
+                "flags": flags,
+            }
+
         if not await self._record(session, EventKind.RESULT, payload, decision_id):
             return self._store_failed(decision_id, principal, started)
         self._observe("allowed", (), elapsed - downstream, downstream)
@@ -668,8 +672,12 @@ class Mediator:
         started: float,
     ) -> types.CallToolResult:
         decision = refused.decision or Decision.deny(decision_id, *refused.reasons)
-        payload = _decision_payload(name, route, decision, arguments, None)
-        if not await self._record(session, EventKind.DECISION, payload, decision_id):
+        if not await self._record(
+            session,
+            EventKind.DECISION,
+            lambda: _decision_payload(name, route, decision, arguments, None),
+            decision_id,
+        ):
             return self._store_failed(decision_id, principal, started)
         self._log_denied(decision_id, refused.reasons, principal)
         self._observe("denied", refused.reasons, time.perf_counter() - started, 0.0)
@@ -684,8 +692,13 @@ class Mediator:
         started: float,
     ) -> types.CallToolResult:
         """After an allow: the call failed downstream, was cut off, or its result was refused."""
-        payload = {"error": str(reason), "latency_ms": _ms(started)}
-        if not await self._record(session, EventKind.ERROR, payload, decision_id):
+        latency = _ms(started)
+        if not await self._record(
+            session,
+            EventKind.ERROR,
+            lambda: {"error": str(reason), "latency_ms": latency},
+            decision_id,
+        ):
             return self._store_failed(decision_id, principal, started)
         self._log_denied(decision_id, (reason,), principal)
         self._observe("error", (reason,), time.perf_counter() - started, 0.0)
@@ -726,14 +739,17 @@ class Mediator:
         self,
         session: _Session | None,
         kind: EventKind,
-        payload: Mapping[str, Any],
+        payload: Callable[[], Mapping[str, Any]],
         decision_id: str | None,
     ) -> bool:
-        """Record durably; False when the store could not (the caller refuses the call)."""
+        """Record durably; False when the store could not (the caller refuses the call).
+
+        ``payload`` is built only when something is recorded.
+        """
         if self.recorder is None or session is None or session.id is None:
             return True
         try:
-            await self.recorder.record(session.id, kind, payload, decision_id)
+            await self.recorder.record(session.id, kind, payload(), decision_id)
         except Exception:
             logger.exception("recording failed", extra={"decision_id": decision_id})
             return False
