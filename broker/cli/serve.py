@@ -7,11 +7,12 @@ import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from broker.cli._common import ConfigOption, console, fail, load, open_store, run
+from broker.config import BrokerConfig
 from broker.core.identity import AdminRole
 
 __all__ = ["register"]
@@ -107,13 +108,17 @@ def serve(
     config: ConfigOption = Path("broker.toml"),
     host: Annotated[str | None, typer.Option(help="Override [server] host.")] = None,
     port: Annotated[int | None, typer.Option(help="Override [server] port.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes on this port (default [server] workers); more than 1 needs "
+            "a PostgreSQL store.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the broker (HTTP: /mcp, /oauth/token, /.well-known/*, /healthz)."""
-    import uvicorn
-
-    from broker.app import create_app
-    from broker.logs import configure_logging
-
+    """Run the broker (HTTP: /mcp, /oauth/token, /.well-known/*, /healthz, /readyz)."""
     _private_files()
     cfg = load(config)
     if host is not None or port is not None:
@@ -121,8 +126,14 @@ def serve(
             update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
         )
         cfg = cfg.model_copy(update={"server": server})
-    configure_logging(os.environ.get("BROKER_LOG_LEVEL", "INFO"))
-    app = create_app(cfg)
+    count = cfg.server.workers if workers is None else workers
+    if count > 1 and not cfg.store.url.startswith("postgresql"):
+        fail(
+            f"--workers {count} needs a PostgreSQL store: worker processes share revocations, "
+            "budgets and records through it, and a SQLite file is one process's store. Set "
+            '[store] url = "postgresql+asyncpg://..." or run one worker.',
+            2,
+        )
     base = cfg.server.base_url
     console.print(f"mcp-authz-broker serving on http://{cfg.server.host}:{cfg.server.port}")
     console.print(f"  MCP endpoint:   {cfg.server.resource_url}")
@@ -135,6 +146,34 @@ def serve(
         "  BROKER_CLIENT_ID=<id> BROKER_CLIENT_SECRET=<secret> "
         f"BROKER_URL={base} .venv/bin/python examples/agents/quickstart.py"
     )
-    uvicorn.run(
-        app, host=cfg.server.host, port=cfg.server.port, log_level="warning", access_log=False
-    )
+    if count > 1:
+        console.print(f"  {count} worker processes (replicas on one port, PostgreSQL store)")
+    _run(config, cfg, host=host, port=port, workers=count)
+
+
+def _run(
+    config_path: Path, cfg: BrokerConfig, *, host: str | None, port: int | None, workers: int
+) -> None:
+    """Serve in this process, or in ``workers`` processes that each build the app themselves."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": cfg.server.host,
+        "port": cfg.server.port,
+        "log_level": "warning",
+        "access_log": False,
+    }
+    if workers == 1:
+        from broker.app import create_app
+        from broker.logs import configure_logging
+
+        configure_logging(os.environ.get("BROKER_LOG_LEVEL", "INFO"))
+        uvicorn.run(create_app(cfg), **options)
+        return
+    # Workers are spawned fresh: they find the config and this command's overrides here.
+    os.environ["BROKER_CONFIG"] = str(config_path.resolve())
+    if host is not None:
+        os.environ["BROKER_SERVER__HOST"] = host
+    if port is not None:
+        os.environ["BROKER_SERVER__PORT"] = str(port)
+    uvicorn.run("broker.asgi:create", factory=True, workers=workers, **options)
