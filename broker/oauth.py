@@ -78,7 +78,7 @@ def authorization_server_metadata(service: TokenService) -> dict[str, Any]:
             "private_key_jwt",
         ],
         "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256"],
-        "authorization_details_types_supported": ["tool_call"],
+        "authorization_details_types_supported": ["tool_call", "data_flow"],
     }
 
 
@@ -89,7 +89,7 @@ def protected_resource_metadata(service: TokenService) -> dict[str, Any]:
         "authorization_servers": [service.issuer],
         "bearer_methods_supported": ["header"],
         "resource_name": "mcp-authz-broker",
-        "authorization_details_types_supported": ["tool_call"],
+        "authorization_details_types_supported": ["tool_call", "data_flow"],
     }
 
 

@@ -182,15 +182,45 @@ class TokenService:
             )
         return names
 
-    def _check_details(self, details: Sequence[Mapping[str, Any]] | None) -> None:
+    def _check_details(
+        self,
+        details: Sequence[Mapping[str, Any]] | None,
+        *,
+        parent: TokenClaims | None = None,
+    ) -> None:
+        """Validate ``authorization_details`` by type; refuse any type the broker does not know.
+
+        ``tool_call`` entries narrow what the token reaches (the scopes language parses them);
+        ``data_flow`` entries declare flows the detectors let through (``private->egress``).
+        A declared flow widens rather than narrows, so a delegated child may only declare flows
+        its parent declared.
+        """
         if details is None:
             return
+        from broker.core.detectors import declarations
         from scopes import ScopeError, parse_authorization_details
 
+        tool_calls = [dict(d) for d in details if d.get("type") == "tool_call"]
+        flows = [dict(d) for d in details if d.get("type") == "data_flow"]
+        unknown = sorted({str(d.get("type")) for d in details} - {"tool_call", "data_flow"})
+        if unknown:
+            raise OAuthError(
+                "invalid_authorization_details",
+                f"unknown authorization_details type(s): {', '.join(unknown)} "
+                "(expected tool_call or data_flow)",
+            )
         try:
-            parse_authorization_details([dict(d) for d in details])
-        except ScopeError as exc:
+            parse_authorization_details(tool_calls)
+            declared = declarations(flows).flows
+        except (ScopeError, ValueError) as exc:
             raise OAuthError("invalid_authorization_details", str(exc)) from None
+        if parent is not None and declared:
+            inherited = declarations(parent.authorization_details or ()).flows
+            if not declared <= inherited:
+                raise OAuthError(
+                    "invalid_authorization_details",
+                    "a delegated token may only declare data flows its parent token declares",
+                )
 
     @staticmethod
     def _check_budget(budget: int | None) -> None:
@@ -352,7 +382,7 @@ class TokenService:
         requested = _scope_list(scope)
         if requested is not None:
             self._check_scope_names(requested)
-        self._check_details(authorization_details)
+        self._check_details(authorization_details, parent=parent)
         self._check_budget(budget)
         if purpose is not None:
             purpose = self._check_purpose(purpose)

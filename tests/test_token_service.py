@@ -275,3 +275,37 @@ async def test_an_admin_mint_follows_the_same_rules(store: SqlStore, tmp_path: P
         await parts.service.mint_for("bot", scope="b")
     with pytest.raises(NotFound):
         await parts.service.mint_for("ghost", scope="a")
+
+
+async def test_data_flow_declarations_are_accepted_and_unknown_detail_types_refused(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    parts = await make_parts(store, tmp_path)
+    agent = await parts.agent("reader", ["a"])
+    flow = {"type": "data_flow", "allow": ["private->egress"]}
+    granted = await parts.service.client_credentials(agent, scope="a", authorization_details=[flow])
+    assert granted.claims.authorization_details == (flow,)
+    for bad in ({"type": "payment"}, {"type": "data_flow", "allow": ["anything"]}):
+        with pytest.raises(OAuthError) as err:
+            await parts.service.client_credentials(agent, scope="a", authorization_details=[bad])
+        assert err.value.error == "invalid_authorization_details", bad
+
+
+async def test_a_delegated_token_cannot_declare_a_flow_its_parent_did_not(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    parts = await make_parts(store, tmp_path)
+    parent = await parts.agent("planner", ["a"])
+    await parts.agent("worker", ["a"])
+    token = (await parts.service.client_credentials(parent, scope="a")).access_token
+    flow = {"type": "data_flow", "allow": ["private->egress"]}
+    with pytest.raises(OAuthError) as err:
+        await parts.service.exchange(
+            parent,
+            subject_token=token,
+            subject_token_type=ACCESS_TOKEN_TYPE,
+            actor="worker",
+            authorization_details=[flow],
+        )
+    assert err.value.error == "invalid_authorization_details"
+    assert "parent" in err.value.description
