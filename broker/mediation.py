@@ -180,11 +180,22 @@ class CallRecorder(Protocol):
 
 
 class CallObserver(Protocol):
-    """Metrics (``broker.metrics``): one observation per mediated call."""
+    """Metrics (`broker.metrics.Metrics`): what the call path reports; never raises."""
 
     def observe_call(
-        self, decision: str, reasons: Sequence[str], overhead_s: float, downstream_s: float
+        self,
+        decision: str | bool,
+        reasons: Iterable[str] = (),
+        *,
+        overhead_s: float,
+        downstream_s: float | None = None,
     ) -> None: ...
+
+    def store_write_failed(self, events: int = 1) -> None: ...
+
+    def session_opened(self) -> None: ...
+
+    def session_closed(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,7 +691,7 @@ class Mediator:
         ):
             return self._store_failed(decision_id, principal, started)
         self._log_denied(decision_id, refused.reasons, principal)
-        self._observe("denied", refused.reasons, time.perf_counter() - started, 0.0)
+        self._observe("denied", refused.reasons, time.perf_counter() - started, None)
         return denial(decision_id, *refused.reasons, retry_after=refused.retry_after)
 
     async def _upstream_failed(
@@ -701,14 +712,14 @@ class Mediator:
         ):
             return self._store_failed(decision_id, principal, started)
         self._log_denied(decision_id, (reason,), principal)
-        self._observe("error", (reason,), time.perf_counter() - started, 0.0)
+        self._observe("denied", (reason,), time.perf_counter() - started, None)
         return denial(decision_id, reason)
 
     def _store_failed(
         self, decision_id: str, principal: Principal, started: float
     ) -> types.CallToolResult:
         self._log_denied(decision_id, (Reason.STORE_UNAVAILABLE,), principal)
-        self._observe("denied", (Reason.STORE_UNAVAILABLE,), time.perf_counter() - started, 0.0)
+        self._observe("denied", (Reason.STORE_UNAVAILABLE,), time.perf_counter() - started, None)
         return denial(decision_id, Reason.STORE_UNAVAILABLE)
 
     def _log_denied(
@@ -724,12 +735,22 @@ class Mediator:
         )
 
     def _observe(
-        self, decision: str, reasons: Iterable[Reason], overhead: float, downstream: float
+        self, decision: str, reasons: Iterable[Reason], overhead: float, downstream: float | None
     ) -> None:
         if self.observer is None:
             return
         try:
-            self.observer.observe_call(decision, [str(r) for r in reasons], overhead, downstream)
+            self.observer.observe_call(
+                decision, [str(r) for r in reasons], overhead_s=overhead, downstream_s=downstream
+            )
+        except Exception:
+            logger.exception("metrics observer failed")
+
+    def _notify(self, event: str) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, event)()
         except Exception:
             logger.exception("metrics observer failed")
 
@@ -752,6 +773,7 @@ class Mediator:
             await self.recorder.record(session.id, kind, payload(), decision_id)
         except Exception:
             logger.exception("recording failed", extra={"decision_id": decision_id})
+            self._notify("store_write_failed")
             return False
         return True
 
@@ -786,6 +808,7 @@ class Mediator:
                     client_info=dict(call.client_info),
                 )
                 state.id = str(handle.id)
+                self._notify("session_opened")
         return state
 
     async def _sweep(self) -> None:
@@ -801,6 +824,7 @@ class Mediator:
         state = self._sessions.pop(key, None)
         if state is None or state.id is None or self.recorder is None:
             return
+        self._notify("session_closed")
         try:
             await self.recorder.close_session(state.id, reason=reason)
         except Exception:

@@ -32,6 +32,7 @@ from broker.core.revocation import RevocationKind
 from broker.core.tokens import TaskClaim, TokenClaims
 from broker.mcp_front import McpFront
 from broker.mediation import DECISION_META
+from broker.metrics import Metrics
 from broker.principal import Principal
 from broker.recorder import Recorder
 from broker.registry import Registry
@@ -724,3 +725,13 @@ async def test_a_store_that_cannot_write_refuses_calls_and_they_never_reach_the_
     assert denied(result)[0] == {"store-unavailable"}
     assert [r["text"] for r in broker.seen.received] == ["before", "after"]
     assert not after.is_error
+
+
+async def test_every_mediated_call_is_observed_by_the_metrics(broker: Broker) -> None:
+    metrics = Metrics()
+    async with client(broker.front(observer=metrics), "legacy") as agent:
+        await agent.call_tool("local__echo", {"text": "hi"})
+        await agent.call_tool("local__nope", {})
+    assert metrics.calls.get("allowed") == 1
+    assert metrics.calls.get("denied") == 1
+    assert metrics.reasons.get("denied", "scope-missing") == 1

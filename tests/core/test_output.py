@@ -164,3 +164,45 @@ def test_sizes_are_utf8_bytes_of_the_compact_json() -> None:
 def test_a_cap_too_small_for_the_marker_is_refused() -> None:
     with pytest.raises(ValueError, match="max_result_bytes"):
         OutputPolicy(max_result_bytes=10)
+
+
+def test_a_text_block_that_cannot_fit_at_all_leaves_only_the_marker() -> None:
+    result = {
+        "content": [{"type": "text", "text": "x" * 5000, "annotations": {"note": "n" * 2000}}],
+        "isError": False,
+    }
+    shaped = shape_result(result, OutputPolicy(max_result_bytes=1024))
+    assert shaped.result is not None
+    assert [b["text"][:12] for b in shaped.result["content"]] == ["[truncated b"]
+
+
+@pytest.mark.parametrize(
+    "block",
+    ["n" * 2000, {"type": "text", "text": 5, "pad": "p" * 2000}],
+    ids=["not-an-object", "text-not-a-string"],
+)
+def test_malformed_blocks_are_dropped_by_truncation(block: object) -> None:
+    result: dict[str, Any] = {"content": [block], "isError": False}
+    shaped = shape_result(result, OutputPolicy(max_result_bytes=1024, redact_secrets=False))
+    assert shaped.result is not None
+    assert len(shaped.result["content"]) == 1
+    assert shaped.truncated
+
+
+def test_a_known_secret_absent_from_the_text_changes_nothing() -> None:
+    assert redact_text("nothing to see here at all", ["other-secret-value"]) == (
+        "nothing to see here at all",
+        [],
+    )
+
+
+def test_content_that_fits_is_kept_whole_when_only_structured_content_is_too_large() -> None:
+    result = {
+        "content": [{"type": "text", "text": "summary"}],
+        "structuredContent": {"rows": ["r" * 100] * 50},
+        "isError": False,
+    }
+    shaped = shape_result(result, OutputPolicy(max_result_bytes=1024))
+    assert shaped.result is not None
+    assert shaped.result["content"][0] == {"type": "text", "text": "summary"}
+    assert shaped.result["isError"] is True
