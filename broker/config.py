@@ -270,10 +270,21 @@ def load_config(path: Path | None, environ: Mapping[str, str]) -> BrokerConfig:
 
 
 def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Apply ``BROKER_SECTION__KEY`` overrides.
+
+    A variable is an override when it has a ``__`` (a section and a key: an unknown section or
+    key is then an error like any other) or names a top-level key. Other ``BROKER_*`` names
+    belong to the broker's tools and agents (``BROKER_URL``, ``BROKER_CLIENT_ID``,
+    ``BROKER_LOG_LEVEL``, ...) and are left alone.
+    """
+    top_level = set(BrokerConfig.model_fields) - {"base_dir"}
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name == "BROKER_CONFIG":
+        if not name.startswith(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        rest = name[len(ENV_PREFIX) :]
+        if "__" not in rest and rest.lower() not in top_level:
+            continue
+        keys = [k.lower() for k in rest.split("__")]
         if not all(keys):
             raise ConfigError(f"environment variable {name}: empty key segment")
         node = data

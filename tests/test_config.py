@@ -120,3 +120,18 @@ def test_bad_configs_stop_with_a_specific_message(tmp_path: Path, text: str, mes
 def test_a_missing_config_file_says_how_to_create_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="run `broker init`"):
         load_config(tmp_path / "nope.toml", {})
+
+
+def test_broker_variables_of_agents_and_tools_are_not_config_overrides() -> None:
+    environ = {
+        "BROKER_URL": "http://127.0.0.1:8765",
+        "BROKER_CLIENT_ID": "agt_x",
+        "BROKER_LOG_LEVEL": "DEBUG",
+        "BROKER_CONFIG": "/etc/broker.toml",
+    }
+    assert load_config(None, environ).server.port == 8765
+
+
+def test_a_misspelt_section_override_is_still_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'sevrer'"):
+        load_config(None, {"BROKER_SEVRER__PORT": "1"})
