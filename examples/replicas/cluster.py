@@ -25,6 +25,8 @@ import anyio
 import httpx2
 
 __all__ = [
+    "BROKER",
+    "REPO",
     "DEMO_CONNECTOR",
     "DEMO_SCOPES",
     "PROTOCOL",
