@@ -240,6 +240,8 @@ class CallApprovalGate:
                 return await self._release(approval)
             if status is ApprovalStatus.DENIED:
                 return Reason.APPROVAL_DENIED
+            if status is ApprovalStatus.EXPIRED:
+                return await self._withdraw(approval)
             if status is not ApprovalStatus.PENDING:
                 return Reason.APPROVAL_REQUIRED
             with anyio.move_on_after(self.store_poll):
