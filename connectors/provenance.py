@@ -39,6 +39,7 @@ __all__ = [
     "Provenance",
     "ProvenanceChanged",
     "connector_provenance",
+    "pinned_provenance_digest",
     "provenance_pin_definition",
 ]
 
@@ -103,6 +104,18 @@ def provenance_pin_definition(provenance: Provenance) -> dict[str, Any]:
         "inputSchema": {"type": "object"},
         "annotations": {"provenance": provenance.as_json()},
     }
+
+
+def pinned_provenance_digest(definition: Mapping[str, Any]) -> str:
+    """The `Provenance.digest` of a pin definition made by `provenance_pin_definition` (what
+    the broker passes as ``StdioSpec.expected_provenance`` from the approved definition)."""
+    body = json.dumps(
+        definition["annotations"]["provenance"],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 def connector_provenance(spec: StdioSpec, env: Mapping[str, str]) -> Provenance:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
 import shutil
 import subprocess
@@ -71,8 +72,8 @@ UPSTREAM_SERVER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """198.18.0.2:8080 in a namespace of our own; the host end of the veth is 198.18.0.1/30."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (`ip`) is missing: cannot build the upstream network namespace")
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root and iproute2 (`ip`) to build the upstream network namespace")
     name = f"egress-{secrets.token_hex(3)}"
     host_end, ns_end = f"ve{name[-6:]}a", f"ve{name[-6:]}b"
     script = tmp_path_factory.mktemp("upstream") / "server.py"

@@ -16,6 +16,7 @@ from connectors.provenance import (
     PROVENANCE_PIN_NAME,
     ProvenanceChanged,
     connector_provenance,
+    pinned_provenance_digest,
     provenance_pin_definition,
 )
 
@@ -108,6 +109,7 @@ def test_the_pin_definition_carries_the_whole_provenance_under_a_reserved_name(
     assert definition["name"] == PROVENANCE_PIN_NAME
     assert definition["annotations"] == {"provenance": seen.as_json()}
     assert seen.digest in definition["description"]
+    assert pinned_provenance_digest(definition) == seen.digest
 
 
 async def test_a_connector_whose_code_changed_after_approval_is_refused_at_spawn(
