@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 TOOLS := .tools
 NPM_STAMP := $(TOOLS)/npm/.installed
 BROWSER_STAMP := $(TOOLS)/.chromium
+SANDBOX_STAMP := $(TOOLS)/.sandbox
 CONFIG ?= broker.toml
 
-.PHONY: help venv tools browser lint typecheck test run bench demo clean
+.PHONY: help venv tools browser sandbox lint typecheck test run bench demo clean
 
 help:
 	@echo "make run    start the broker on 127.0.0.1:8765 (SQLite, example connectors)"
@@ -44,7 +45,18 @@ $(BROWSER_STAMP):
 	fi
 	touch $(BROWSER_STAMP)
 
+# bubblewrap jails stdio connectors (setpriv and prlimit come with util-linux).
+$(SANDBOX_STAMP):
+	@mkdir -p $(TOOLS)
+	@if ! command -v bwrap >/dev/null; then \
+		echo "installing Debian bubblewrap (once)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	fi
+	touch $(SANDBOX_STAMP)
+
 tools: $(NPM_STAMP)
+
+sandbox: $(SANDBOX_STAMP)
 
 browser: $(BROWSER_STAMP)
 
@@ -55,10 +67,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/pyright
 
-test: $(STAMP) tools browser lint typecheck
+test: $(STAMP) tools browser sandbox lint typecheck
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-run: $(STAMP)
+run: $(STAMP) sandbox
 	@if [ ! -f $(CONFIG) ]; then $(BIN)/broker init --config $(CONFIG) --examples; fi
 	$(BIN)/broker serve --config $(CONFIG)
 

@@ -171,6 +171,15 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
         definitions,
         verifier=services.verifier,
         server_config=config.server,
+        clock=clock,
+        revocations=services.revocations,
+        store=store,
+        recorder=services.recorder,
+        limits=config.limits,
+        output=config.output,
+        known_secrets=_connector_secrets(config, services.environ),
+        local_connectors=[c.id for c in config.connectors if c.local_paths],
+        transport="http",
     )
     await stack.enter_async_context(services.front.lifespan())
 
@@ -185,12 +194,23 @@ def _redactor(config: BrokerConfig, environ: Mapping[str, str]) -> Any:
     key = resolve_secret(config.recording.hmac_key, environ, config.base_dir)
     if len(key.encode()) < 16:
         raise ConfigError("recording.hmac_key: the key must be at least 16 bytes")
-    known: list[str] = []
-    for connector in config.connectors:
-        for value in (*connector.env.values(), *connector.headers.values()):
-            if value.startswith(("env:", "file:")):
-                known.append(resolve_secret(value, environ, config.base_dir))
-    return Redactor(key.encode(), known=known, excerpt_chars=config.recording.excerpt_chars)
+    return Redactor(
+        key.encode(),
+        known=_connector_secrets(config, environ),
+        excerpt_chars=config.recording.excerpt_chars,
+    )
+
+
+def _connector_secrets(config: BrokerConfig, environ: Mapping[str, str]) -> list[str]:
+    """The resolved values of every connector credential reference: never shown or recorded."""
+    from broker.config import resolve_secret
+
+    return [
+        resolve_secret(value, environ, config.base_dir)
+        for connector in config.connectors
+        for value in (*connector.env.values(), *connector.headers.values())
+        if value.startswith(("env:", "file:"))
+    ]
 
 
 def _routes(services: Services) -> list[BaseRoute]:

@@ -181,6 +181,9 @@ class ConnectorConfig(_Model):
     target: str | None = None
     """native: ``package.module:attribute`` naming a connectors.ToolSet."""
     roots: tuple[str, ...] = ()
+    local_paths: bool = False
+    """The connector runs on this host: ``within`` paths are also checked after resolving
+    symlinks here, so a link inside a granted root that leads out of it is refused."""
     call_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     max_call_timeout: Annotated[float, Field(gt=0, le=86400)] = 300.0
 

@@ -18,10 +18,11 @@ app = typer.Typer(
 def _register() -> None:
     import importlib
 
-    from broker.cli import agents, serve, stdio, tokens
+    from broker.cli import agents, scopes, serve, stdio, tokens
 
     serve.register(app)
     stdio.register(app)
+    scopes.register(app)
     app.add_typer(agents.app, name="agents")
     app.add_typer(tokens.app, name="token")
     app.add_typer(tokens.keys_app, name="keys")
