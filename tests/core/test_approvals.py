@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -75,10 +76,9 @@ def test_call_binding_is_stable_under_key_order_and_changes_with_any_part() -> N
 
 
 def test_token_request_binding_ignores_scope_order_but_not_task_purpose_or_narrowing() -> None:
-    def binding(**kw: object) -> str:
-        args: dict[str, object] = {"task_id": "t", "purpose": "p"} | kw
-        scopes = args.pop("scopes", ("a", "b"))
-        return token_request_binding("ag", scopes, **args)  # type: ignore[arg-type]  # test-only kwargs
+    def binding(scopes: tuple[str, ...] = ("a", "b"), **kw: Any) -> str:
+        fields: dict[str, Any] = {"task_id": "t", "purpose": "p"} | kw
+        return token_request_binding("ag", scopes, **fields)
 
     base = binding()
     assert base == binding(scopes=("b", "a", "a"))
