@@ -138,6 +138,8 @@ async def direct_endpoint() -> AsyncIterator[Endpoint]:
 
 
 BROKER_TOML = """\
+scope_files = ["scopes.toml"]
+
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -154,8 +156,6 @@ agent_calls_per_minute = 0
 agent_max_concurrent = 0
 connector_calls_per_minute = 0
 connector_max_concurrent = 0
-
-scope_files = ["scopes.toml"]
 
 [[connectors]]
 id = "echo"
