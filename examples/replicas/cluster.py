@@ -108,16 +108,18 @@ keys_dir = "keys"
 
 
 async def prepare_store(config_path: Path) -> None:
-    """Migrate, create the signing key, and approve every tool the connectors offer now.
+    """Migrate, create the signing and recording keys, and approve every tool offered now.
 
     What ``broker init`` plus ``broker connectors approve --all`` do, before any replica starts.
     """
     from broker.config import load_config
-    from broker.keys import ensure_signing_key
+    from broker.keys import ensure_recording_key, ensure_signing_key
     from broker.registry import Registry
     from broker.store import open_store
 
     config = load_config(config_path, {})
+    # Created once here, as `broker init` does: replicas starting together would race for it.
+    ensure_recording_key(config.recording.hmac_key, config.base_dir)
     store = open_store(config.store.url, pool_size=2, max_overflow=2)
     try:
         await store.migrate()

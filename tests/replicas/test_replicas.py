@@ -206,7 +206,6 @@ async def test_a_2026_client_uses_any_replica_and_a_2025_session_is_404_elsewher
     assert home.status_code == 200
 
 
-@pytest.mark.xfail(reason=f"the MCP front has no store to count budgets: {WIRING}", strict=True)
 async def test_a_budget_is_exact_across_replicas_under_concurrent_calls(cluster: Cluster) -> None:
     client_id, secret = await add_agent(cluster.config, "budgeted", ["demo:use"])
     outcomes: list[Outcome] = []
@@ -301,7 +300,6 @@ async def test_a_quarantine_closes_a_live_session_and_cancels_a_call_held_on_ano
             await client.list_tools()
 
 
-@pytest.mark.xfail(reason=f"the MCP front has no recorder: {WIRING}", strict=True)
 async def test_records_from_every_replica_verify_as_one_chain_per_session(
     cluster: Cluster,
 ) -> None:
