@@ -499,7 +499,11 @@ class AdminAudit:
 
 
 class ApprovalsPort(Protocol):
-    """The seam for human approvals of calls (`broker.approvals`, not part of this module)."""
+    """Human approvals of calls and token requests: `broker.approvals.ApprovalDesk`.
+
+    ``list`` may raise ValueError for an unknown state (400); ``decide`` raises NotFound (404)
+    or Conflict (409: expired or already decided).
+    """
 
     async def list(self, *, state: str | None) -> Sequence[Mapping[str, Any]]: ...
 
@@ -678,6 +682,29 @@ class AdminActions:
 
         target = {"session_id": session_id, "flag": flag}
         return await self._run(token, "session.flag", target, None, channel, body)
+
+    async def decide_approval(
+        self,
+        token: AdminToken,
+        approvals: ApprovalsPort,
+        approval_id: str,
+        *,
+        approve: bool,
+        reason: str,
+        channel: str = "api",
+    ) -> Mapping[str, Any]:
+        """Approve or deny a held call or token request through the approvals service.
+
+        Raises:
+            NotFound. Conflict: expired or already decided. StoreUnavailable.
+        """
+
+        async def body(actor: str) -> Mapping[str, Any]:
+            return await approvals.decide(approval_id, approve=approve, actor=actor, reason=reason)
+
+        action = "approval.approve" if approve else "approval.deny"
+        target = {"approval_id": approval_id}
+        return await self._run(token, action, target, reason or None, channel, body)
 
     async def revoke_admin_token(
         self, token: AdminToken, token_id: str, *, channel: str = "api"
@@ -1105,7 +1132,10 @@ _NO_APPROVALS = ApiError(
 async def list_approvals(ctx: Ctx) -> Response:
     if ctx.approvals is None:
         raise _NO_APPROVALS
-    items = await ctx.approvals.list(state=ctx.query("state"))
+    try:
+        items = await ctx.approvals.list(state=ctx.query("state"))
+    except ValueError as exc:
+        raise ApiError(400, "invalid-query", str(exc)) from None
     return _ok({"approvals": [dict(i) for i in items]})
 
 
@@ -1114,10 +1144,11 @@ def _decide_handler(approve: bool) -> Handler:
         body = await _json_body(ctx.request, DecideApprovalBody)
         if ctx.approvals is None:
             raise _NO_APPROVALS
-        result = await ctx.approvals.decide(
+        result = await ctx.actions.decide_approval(
+            ctx.token,
+            ctx.approvals,
             ctx.params["approval_id"],
             approve=approve,
-            actor=f"admin:{ctx.token.id}",
             reason=body.reason.strip(),
         )
         return _ok(dict(result))
@@ -1235,7 +1266,8 @@ def admin_routes(
     """The admin API mounted at `ADMIN_API_PREFIX`.
 
     ``actions`` may be shared with the review page (one audit writer per process);
-    ``approvals`` is the human-approval service once it exists (until then: 501).
+    ``approvals`` is the human-approval service (`broker.approvals.ApprovalDesk`); without it
+    the approval endpoints answer 501.
     """
     actions = actions or AdminActions(services)
     by_path: dict[str, dict[str, Endpoint]] = {}

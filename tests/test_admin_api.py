@@ -85,11 +85,15 @@ args = { path = { within = "/srv/workspace" } }
 def config_for(tmp_path: Path, url: str, public_url: str = "http://127.0.0.1:1") -> BrokerConfig:
     scope_file = tmp_path / "scopes.toml"
     scope_file.write_text(SCOPES, encoding="utf-8")
+    keys = tmp_path / "keys"
+    keys.mkdir(exist_ok=True)
+    (keys / "recording.key").write_text(secrets.token_hex(16), encoding="utf-8")
     return BrokerConfig(
         server=ServerConfig(public_url=public_url),
         store=StoreConfig(url=url),
-        tokens=TokenConfig(keys_dir=tmp_path / "keys"),
+        tokens=TokenConfig(keys_dir=keys),
         scope_files=(scope_file,),
+        base_dir=tmp_path,
     )
 
 
@@ -650,6 +654,56 @@ async def test_approvals_answer_501_until_the_approvals_service_exists(h: Harnes
     response = await h.call("POST", "/approvals/apr_1/approve", "approver", body={})
     assert response.status_code == 501
     assert response.json()["error"] == "not-implemented"
+
+
+async def test_an_approver_approves_a_held_call_through_the_approvals_desk_and_it_is_recorded(
+    h: Harness,
+) -> None:
+    from broker.approvals import ApprovalDesk
+    from broker.core.approvals import new_call_approval
+
+    desk = ApprovalDesk(h.store, h.services.clock)
+    app = Starlette(routes=admin_routes(h.services, approvals=desk))
+    now = h.services.clock.now()
+    for approval_id in ("apr_one", "apr_two"):
+        await h.store.create_approval(
+            new_call_approval(
+                approval_id,
+                agent_id="ag_jwt-holder",
+                client_id="ag_jwt-holder",
+                task_id="t",
+                purpose="p",
+                token_jti="j",
+                decision_id=f"dec_{approval_id}",
+                connector="files",
+                tool="read",
+                arguments={"path": "/srv/workspace/a"},
+                now=now,
+                ttl_seconds=600,
+            )
+        )
+    transport = httpx2.ASGITransport(app=app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://broker") as client:
+        h.client = client
+        listed = await h.call("GET", "/approvals", "reviewer")
+        assert sorted(a["id"] for a in listed.json()["approvals"]) == ["apr_one", "apr_two"]
+        assert (await h.call("GET", "/approvals?state=bogus", "reviewer")).status_code == 400
+        approved = await h.call("POST", "/approvals/apr_one/approve", "approver", body={})
+        assert approved.status_code == 200, approved.text
+        again = await h.call("POST", "/approvals/apr_one/deny", "approver", body={})
+        assert again.status_code == 409
+        denied = await h.call("POST", "/approvals/apr_two/deny", "admin", body={"reason": "no"})
+        assert denied.status_code == 200
+        assert (
+            await h.call("POST", "/approvals/apr_x/approve", "approver", body={})
+        ).status_code == 404
+        assert (
+            await h.call("POST", "/approvals/apr_two/deny", "reviewer", body={})
+        ).status_code == 403
+    trail = [(a["action"], a["phase"]) for a in await admin_action_events(h.store)]
+    assert ("approval.approve", "done") in trail
+    assert ("approval.deny", "done") in trail
+    assert ("approval.deny", "failed") in trail
 
 
 class AppendsFail:

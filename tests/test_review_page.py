@@ -178,11 +178,15 @@ tools = ["read"]
 async def review_env(tmp_path: Path, public_url: str = "http://127.0.0.1:1") -> AsyncIterator[Env]:
     scope_file = tmp_path / "scopes.toml"
     scope_file.write_text(SCOPES, encoding="utf-8")
+    keys = tmp_path / "keys"
+    keys.mkdir(exist_ok=True)
+    (keys / "recording.key").write_text(secrets.token_hex(16), encoding="utf-8")
     config = BrokerConfig(
         server=ServerConfig(public_url=public_url),
         store=StoreConfig(url=sqlite_url(tmp_path)),
-        tokens=TokenConfig(keys_dir=tmp_path / "keys"),
+        tokens=TokenConfig(keys_dir=keys),
         scope_files=(scope_file,),
+        base_dir=tmp_path,
     )
     async with migrated_store(sqlite_url(tmp_path)) as store:
         broker = create_app(config, store=store, environ={})
@@ -282,16 +286,16 @@ async def test_an_admin_releases_a_quarantined_agent_with_a_reason(tmp_path: Pat
         released = await env.store.get_agent(env.agents["rogue"])
         assert released.status is AgentStatus.ACTIVE
         assert released.status_reason == "reviewed the session: a false positive"
-    trail = [
-        dict(e.payload)
-        for s in await env.store.list_sessions(task_id="admin-actions")
-        for e in await env.store.session_events(s.id)
-        if e.kind == "admin-action"
-    ]
-    assert [(t["action"], t["phase"], t["channel"]) for t in trail] == [
-        ("agent.release", "requested", "review"),
-        ("agent.release", "done", "review"),
-    ]
+        trail = [
+            dict(e.payload)
+            for s in await env.store.list_sessions(task_id="admin-actions")
+            for e in await env.store.session_events(s.id)
+            if e.kind == "admin-action"
+        ]
+        assert [(t["action"], t["phase"], t["channel"]) for t in trail] == [
+            ("agent.release", "requested", "review"),
+            ("agent.release", "done", "review"),
+        ]
 
 
 @browser
