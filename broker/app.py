@@ -46,6 +46,8 @@ class Services:
     registry: Any = None
     front: Any = None
     recorder: Any = None
+    call_approvals: Any = None
+    approval_desk: Any = None
     scopes: dict[str, Any] = field(default_factory=dict[str, Any])
     ready: bool = False
 
@@ -113,11 +115,14 @@ def create_app(
 
 
 async def _start(services: Services, stack: AsyncExitStack) -> None:
+    from broker.approvals import ApprovalDesk, CallApprovalGate, TokenApprovals
     from broker.keys import KeyRing, ensure_signing_key
     from broker.mcp_front import McpFront
     from broker.recorder import Recorder
     from broker.registry import Registry
+    from broker.responses import AgentResponder
     from broker.revocations import RevocationCache
+    from broker.sandboxing import start_egress
     from broker.token_service import TokenService
     from broker.verifier import BrokerTokenVerifier
     from scopes import ScopeError, load_scope_files
@@ -153,6 +158,8 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
     services.verifier = BrokerTokenVerifier.from_config(
         config, services.keyring, services.revocations, clock, store
     )
+    services.call_approvals = CallApprovalGate(store, clock, config.approvals)
+    services.approval_desk = ApprovalDesk(store, clock, services.call_approvals)
     services.tokens = TokenService(
         store,
         services.keyring,
@@ -161,11 +168,15 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
         clock,
         scope_definitions=services.scopes,
         verifier=services.verifier,
+        approvals=TokenApprovals(store, clock, config.approvals, scope_definitions=services.scopes),
     )
+    egress = await start_egress(services, stack)
     services.registry = await Registry.from_config(
-        config, store, environ=services.environ, clock=clock
+        config, store, environ=services.environ, clock=clock, scopes=definitions, egress=egress
     )
     await stack.enter_async_context(services.registry)
+    responder = AgentResponder(store, services.revocations, config.alerts, clock=clock)
+    await stack.enter_async_context(responder)
     services.front = McpFront(
         services.registry,
         definitions,
@@ -179,7 +190,10 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
         output=config.output,
         known_secrets=_connector_secrets(config, services.environ),
         local_connectors=[c.id for c in config.connectors if c.local_paths],
+        approvals=services.call_approvals,
         transport="http",
+        detectors=config.detectors,
+        responder=responder,
     )
     await stack.enter_async_context(services.front.lifespan())
 

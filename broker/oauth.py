@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker.agents import authenticate_client
+from broker.approvals import AuthorizationPending
 from broker.errors import ClientAuthFailed, OAuthError, StoreUnavailable
 from broker.token_service import TokenService
 
@@ -192,6 +193,7 @@ async def _grant(service: TokenService, request: Request, form: Mapping[str, str
             expires_in=expires_in,
             authorization_details=details,
             budget=budget,
+            auth_req_id=form.get("auth_req_id"),
         )
     else:
         if "actor_token" in form:
@@ -249,6 +251,9 @@ def oauth_routes(
             return _error(exc.error, exc.description, exc.status)
         except ClientAuthFailed:
             return _invalid_client(request)
+        except AuthorizationPending as exc:
+            body = {"error": exc.error, "error_description": exc.description, **exc.extra}
+            return JSONResponse(body, 400, headers=_NO_STORE)
         except OAuthError as exc:
             if exc.error == "invalid_client":
                 return _invalid_client(request)

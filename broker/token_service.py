@@ -34,7 +34,7 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -48,6 +48,9 @@ from broker.keys import KeyRing
 from broker.ports import Clock, Store
 from broker.revocations import RevocationCache
 from broker.verifier import BrokerTokenVerifier
+
+if TYPE_CHECKING:
+    from broker.approvals import TokenApprovals
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -110,10 +113,14 @@ class TokenService:
         *,
         scope_definitions: Mapping[str, Any] | None = None,
         verifier: BrokerTokenVerifier | None = None,
+        approvals: TokenApprovals | None = None,
     ) -> None:
         """``scope_definitions`` (name -> `scopes.ScopeDefinition`): when None they are loaded
         from ``config.scope_files``; with no scope files, scope names are checked only against
-        each agent's allowed scopes."""
+        each agent's allowed scopes. ``approvals``: without it, scopes whose approval mode is
+        ``token`` are refused (fail closed); with it, a request for one is held for a human
+        (``authorization_pending``)."""
+        self.approvals = approvals
         self.store = store
         self.keyring = keyring
         self.revocations = revocations
@@ -162,11 +169,18 @@ class TokenService:
         if unknown:
             raise OAuthError("invalid_scope", f"unknown scope: {' '.join(unknown)}")
         gated = [n for n in names if str(getattr(defs[n], "approval", "none")) == "token"]
-        if gated:
+        if gated and self.approvals is None:
             raise OAuthError(
                 "access_denied",
                 f"scope needs human approval before a token is issued: {' '.join(gated)}",
             )
+
+    async def _check_task_owner(self, task_id: str, agent: Agent) -> None:
+        for issued in await self.store.list_tokens(task_id=task_id):
+            if issued.parent_jti is None and issued.agent_id != agent.id:
+                raise OAuthError(
+                    "invalid_request", "task id is in use by another agent: name another"
+                )
 
     def _default_scopes(self, agent: Agent) -> tuple[str, ...]:
         """The agent's registered scopes that can be granted without a human (omitted scope)."""
@@ -269,13 +283,18 @@ class TokenService:
         expires_in: int | None = None,
         authorization_details: Sequence[Mapping[str, Any]] | None = None,
         budget: int | None = None,
+        auth_req_id: str | None = None,
     ) -> TokenResponse:
         """A token for ``agent`` (already authenticated) for one task.
+
+        A task id the agent names must not be one another agent's tokens already carry:
+        revoking a task, and the detectors' per-task state, must never reach across agents.
 
         Raises:
             OAuthError: ``invalid_client`` (disabled), ``access_denied`` (quarantined, or a
                 scope that needs approval), ``invalid_scope``, ``invalid_target``,
-                ``invalid_authorization_details``, ``invalid_request``.
+                ``invalid_authorization_details``, ``invalid_request``;
+                `broker.approvals.AuthorizationPending` while a human has not decided.
         """
         self._check_status(agent)
         self._check_resource(resource)
@@ -294,6 +313,8 @@ class TokenService:
             raise OAuthError("invalid_request", "task: 1-128 printable ASCII characters, no space")
         if expires_in is not None and expires_in < 1:
             raise OAuthError("invalid_request", "expires_in must be a positive number of seconds")
+        if task_id is not None:
+            await self._check_task_owner(task_id, agent)
         tokens = self.config.tokens
         ttl = min(expires_in or tokens.default_ttl, agent.max_ttl_seconds, tokens.max_ttl)
         now = int(self.clock.now().timestamp())
@@ -319,6 +340,18 @@ class TokenService:
         except ValidationError:
             logger.info("token claims refused", extra={"client_id": agent.id}, exc_info=True)
             raise OAuthError("invalid_request", "the requested token is not well-formed") from None
+        if self.approvals is not None:
+            # Last: an approved approval is used up here.
+            await self.approvals.require(
+                agent.id,
+                names,
+                task_id=task_id,
+                purpose=purpose,
+                authorization_details=authorization_details,
+                budget=budget,
+                expires_in=expires_in,
+                auth_req_id=auth_req_id,
+            )
         access_token = self._mint(claims)
         await self._record(claims, agent.id, purpose)
         logger.info(

@@ -30,6 +30,7 @@ def _register() -> None:
     for module, name, attr in (
         ("connectors", "connectors", "app"),
         ("sessions", "sessions", "app"),
+        ("approvals", "approvals", "app"),
     ):
         try:
             mod = importlib.import_module(f"broker.cli.{module}")
