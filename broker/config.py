@@ -27,6 +27,7 @@ from broker.core.detectors.config import DetectorsConfig
 from broker.errors import ConfigError
 
 __all__ = [
+    "AlertsConfig",
     "ApprovalConfig",
     "BrokerConfig",
     "ConnectorConfig",
@@ -215,6 +216,25 @@ class ConnectorConfig(_Model):
         return self.id if self.prefix is None else self.prefix
 
 
+class AlertsConfig(_Model):
+    """``[alerts]``: where automatic responses (revocation, quarantine) are reported.
+
+    A JSON POST to ``webhook_url`` (empty: off), retried ``retries`` times with backoff in the
+    background, each attempt bounded by ``timeout`` seconds; never on the call path.
+    """
+
+    webhook_url: str = ""
+    retries: Annotated[int, Field(ge=0, le=20)] = 3
+    timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("expected an http(s) URL, or empty to turn alerts off")
+        return v
+
+
 class BrokerConfig(_Model):
     """The whole configuration. Built only by `load_config` (or directly in tests)."""
 
@@ -226,6 +246,7 @@ class BrokerConfig(_Model):
     approvals: ApprovalConfig = ApprovalConfig()
     recording: RecordingConfig = RecordingConfig()
     detectors: DetectorsConfig = DetectorsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     scope_files: tuple[Path, ...] = ()
     connectors: tuple[ConnectorConfig, ...] = ()
     base_dir: Path = Path(".")

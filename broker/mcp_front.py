@@ -64,11 +64,13 @@ from starlette.applications import Starlette
 
 from broker.config import LimitsConfig, OutputConfig, ServerConfig
 from broker.core.decision import Reason
+from broker.core.detectors import DetectorBook, DetectorsConfig
 from broker.mediation import (
     CallApprovals,
     CallContext,
     CallObserver,
     CallRecorder,
+    DetectorResponder,
     MediationStore,
     Mediator,
     TokenCheck,
@@ -151,6 +153,8 @@ class McpFront:
         local_connectors: Collection[str] = (),
         observer: CallObserver | None = None,
         transport: str = "stdio",
+        detectors: DetectorBook | DetectorsConfig | None = None,
+        responder: DetectorResponder | None = None,
     ) -> None:
         self.registry = registry
         self.verifier = verifier
@@ -177,7 +181,11 @@ class McpFront:
             known_secrets=known_secrets,
             local_connectors=local_connectors,
             observer=observer,
+            detectors=detectors,
+            responder=responder,
         )
+        if responder is not None:
+            responder.bind(self.cut_off)
         self._sessions: dict[object, _LegacySession] = {}
         self._list_cache: dict[tuple[str, frozenset[str]], tuple[int, types.ListToolsResult]] = {}
         self._app: Starlette | None = None
@@ -276,6 +284,7 @@ class McpFront:
             transport="http" if ctx.request is not None else self.transport,
             client_info=_client_info(ctx),
             progress=relay,
+            peer=_peer_host(ctx),
         )
 
     # -- listing -----------------------------------------------------------------------------
@@ -526,6 +535,13 @@ def _connection_key(ctx: ServerRequestContext[Any, Any]) -> object | None:
     """A per-connection key for transports without HTTP sessions (stdio, in-process)."""
     connection = getattr(ctx.session, "_connection", None)
     return ("connection", id(connection)) if connection is not None else None
+
+
+def _peer_host(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """The HTTP client's host (no port: it changes per connection); None off HTTP."""
+    client = getattr(ctx.request, "client", None)
+    host = getattr(client, "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:

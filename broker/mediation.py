@@ -43,6 +43,22 @@ sealed when `close_sessions` ends them (quarantine, shutdown) and swept once the
 
 Quarantine: every running call is registered under its agent id; `cancel_agent` cancels them
 (the call answers with the reason given).
+
+Detectors (when a `DetectorBook` is wired): after stage 5 every call the policy decided on (not
+the ones refused for a token problem: they are already stopped) is fed to ``precheck`` as an
+`Observation`. A verdict that ``blocks`` refuses the call with ``flow-blocked`` or
+``anomaly-blocked`` (the detector ids go to the decision's ``rule_ids``); after an allowed call
+its result is fed to ``observe_result`` (size, and for ``private`` scopes the secret-looking
+values it carried, kept in memory only). Every signal is recorded as a ``detector-signal`` event
+under the call's decision id, before the decision event; a verdict whose action is stronger than
+``block-call`` is handed to the injected `DetectorResponder` (revoke the token or the task,
+quarantine the agent), awaited before the answer so it is in effect when the agent hears back.
+
+Client fingerprint (token misuse): SHA-256 over the client's self-description (``name`` and
+``version`` from ``initialize``) and the peer host (``ctx.request.client``, without the port,
+which changes per connection); stdio and in-process transports have no peer and use the constant
+``local``. Behind a reverse proxy every client shares the proxy's host, so there only the client
+info tells clients apart.
 """
 
 from __future__ import annotations
@@ -55,7 +71,7 @@ import os
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,11 +81,30 @@ from pydantic import ValidationError
 
 from broker.config import LimitsConfig, OutputConfig
 from broker.core.decision import Decision, Reason
+from broker.core.detectors import (
+    Declarations,
+    DetectorBook,
+    DetectorsConfig,
+    Observation,
+    Response,
+    ResultObservation,
+    Signal,
+    Verdict,
+    declarations,
+    purpose_category,
+)
 from broker.core.limits import Bucket, RateLimit, take
 from broker.core.output import OutputPolicy, shape_result
 from broker.core.pinning import PinStatus
 from broker.core.policy import AccessRequest, Authorization, TokenPolicy, decide
 from broker.core.recording import EventKind
+from broker.core.redaction import (
+    _ASSIGNMENT,  # pyright: ignore[reportPrivateUsage] - reuse the record's secret shapes
+    _CANDIDATE,  # pyright: ignore[reportPrivateUsage]
+    _SHAPED,  # pyright: ignore[reportPrivateUsage]
+    _high_entropy,  # pyright: ignore[reportPrivateUsage]
+    _secret_key,  # pyright: ignore[reportPrivateUsage]
+)
 from broker.core.tokens import TokenClaims
 from broker.errors import StoreError
 from broker.ports import Clock, SystemClock
@@ -84,9 +119,11 @@ __all__ = [
     "CallObserver",
     "CallRecorder",
     "DECISION_META",
+    "DetectorResponder",
     "MediationStore",
     "Mediator",
     "TokenCheck",
+    "client_fingerprint",
     "denial",
     "new_decision_id",
     "token_policy",
@@ -100,6 +137,21 @@ DECISION_META = "mcp-authz-broker/decision_id"
 _RECORDED_ARGS_MAX = 16 * 1024
 _EXCERPT_CHARS = 2048
 _CONCURRENCY_RETRY = 1
+_WATCH_TEXT_MAX = 256 * 1024
+_WATCH_VALUES_MAX = 16
+LOCAL_PEER = "local"
+_UNOBSERVED = frozenset(
+    {
+        Reason.TOKEN_INVALID,
+        Reason.TOKEN_REVOKED,
+        Reason.AGENT_QUARANTINED,
+        Reason.AGENT_DISABLED,
+        Reason.STORE_UNAVAILABLE,
+        Reason.DECISION_ERROR,
+        Reason.UPSTREAM_UNAVAILABLE,
+    }
+)
+"""Denials the detectors are not fed: the token is already stopped, or nothing was decided."""
 
 
 def new_decision_id() -> str:
@@ -179,6 +231,22 @@ class CallRecorder(Protocol):
     async def close_session(self, session_id: str, *, reason: str | None = None) -> Any: ...
 
 
+class DetectorResponder(Protocol):
+    """`broker.responses.AgentResponder`: carries out a verdict's action (revoke, quarantine).
+
+    ``respond`` must put the action into effect in this process before it returns (the agent
+    hears back only afterwards) and must not wait on anything slow (alerts go in the background).
+    """
+
+    async def respond(
+        self, verdict: Verdict, principal: Principal, decision_id: str, session_id: str | None
+    ) -> None: ...
+
+    def bind(self, cut_off: Callable[[str, Reason], Awaitable[int]]) -> None:
+        """The front's ``cut_off(agent_id, reason)``: cancel calls in flight, close sessions."""
+        ...
+
+
 class CallObserver(Protocol):
     """Metrics (`broker.metrics.Metrics`): what the call path reports; never raises."""
 
@@ -209,6 +277,8 @@ class CallContext:
     transport: str = ""
     client_info: Mapping[str, Any] = field(default_factory=dict[str, Any])
     progress: ProgressCallback | None = None
+    peer: str | None = None
+    """The client's host as the transport saw it (HTTP); None on stdio and in-process."""
 
 
 # -- per-token state ---------------------------------------------------------------------------
@@ -222,6 +292,18 @@ class _Token:
     expires: int | None
     problem: Reason | None = None
     _wide: frozenset[str] | None = None
+    _declared: Declarations | None = None
+
+    def declared(self, raw: Mapping[str, Any] | None) -> Declarations:
+        """The flows and tools the token declares (`broker.core.detectors.declarations`)."""
+        if self._declared is None:
+            details = raw.get("authorization_details") if raw else None
+            try:
+                self._declared = declarations(details if isinstance(details, list) else None)  # pyright: ignore[reportUnknownArgumentType]
+            except ValueError:
+                # The token service validated the details at issue; a bad one declares nothing.
+                self._declared = Declarations()
+        return self._declared
 
     def wide_connectors(self) -> frozenset[str]:
         """Connectors open beyond tools (resources, prompts, completion): an unconstrained
@@ -267,11 +349,13 @@ class _Refused(Exception):
         *reasons: Reason,
         retry_after: float | None = None,
         decision: Decision | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         super().__init__(",".join(reasons))
         self.reasons = reasons
         self.retry_after = retry_after
         self.decision = decision
+        self.verdict = verdict
 
 
 # -- the mediator ------------------------------------------------------------------------------
@@ -305,6 +389,8 @@ class Mediator:
         realpath: Callable[[str], str] = os.path.realpath,
         observer: CallObserver | None = None,
         token_cache_size: int = 4096,
+        detectors: DetectorBook | DetectorsConfig | None = None,
+        responder: DetectorResponder | None = None,
     ) -> None:
         self.registry = registry
         self.clock: Clock = clock or SystemClock()
@@ -335,6 +421,10 @@ class Mediator:
         )
         self._inflight: dict[str, set[anyio.CancelScope]] = {}
         self._cut: dict[anyio.CancelScope, Reason] = {}
+        if isinstance(detectors, DetectorsConfig):
+            detectors = DetectorBook(detectors) if detectors.enabled else None
+        self.detectors = detectors
+        self.responder = responder
 
     # -- per token ---------------------------------------------------------------------------
 
@@ -432,24 +522,40 @@ class Mediator:
         held: list[tuple[str, str]] = []
         route: ToolRoute | None = None
         raw_args: dict[str, Any] = dict(arguments or {})
+        verdict = Verdict()
         try:
             try:
                 route, auth = await self._decide(principal, decision_id, name, raw_args)
+                verdict = self._precheck(
+                    call, session, principal, decision_id, name, route, auth, raw_args
+                )
                 if not auth.decision.allowed or route is None:
                     reasons = auth.decision.reasons or {Reason.SCOPE_MISSING}
-                    raise _Refused(*reasons, decision=auth.decision)
+                    raise _Refused(*reasons, decision=auth.decision, verdict=verdict)
+                if verdict.blocks and verdict.reason is not None:
+                    blocked = Decision.deny(
+                        decision_id,
+                        verdict.reason,
+                        rule_ids=verdict.detectors,
+                        detail=tuple(_signal_detail(s) for s in verdict.signals),
+                    )
+                    raise _Refused(verdict.reason, decision=blocked, verdict=verdict)
                 self._limit(principal.agent_id, route.connector_id, held)
                 await self._spend_budget(principal)
             except _Refused as refused:
+                if refused.verdict is None:
+                    refused.verdict = verdict
                 return await self._refuse(
                     session, principal, decision_id, name, route, raw_args, refused, started
                 )
             except Exception:
                 logger.exception("deciding a tool call failed", extra={"decision_id": decision_id})
-                refused = _Refused(Reason.DECISION_ERROR)
+                refused = _Refused(Reason.DECISION_ERROR, verdict=verdict)
                 return await self._refuse(
                     session, principal, decision_id, name, route, raw_args, refused, started
                 )
+            if not await self._signals(session, principal, decision_id, verdict):
+                return self._store_failed(decision_id, principal, started)
             return await self._allowed(call, session, principal, decision_id, route, auth, started)
         finally:
             for key in held:
@@ -595,7 +701,7 @@ class Mediator:
             reason = cut or Reason.UPSTREAM_UNAVAILABLE
             return await self._upstream_failed(session, principal, decision_id, reason, started)
         return await self._deliver(
-            session, principal, decision_id, auth, result, started, downstream
+            session, principal, decision_id, route, auth, result, started, downstream
         )
 
     async def _approve(
@@ -616,6 +722,7 @@ class Mediator:
         session: _Session | None,
         principal: Principal,
         decision_id: str,
+        route: ToolRoute,
         auth: Authorization,
         result: types.CallToolResult,
         started: float,
@@ -627,6 +734,9 @@ class Mediator:
             return await self._upstream_failed(
                 session, principal, decision_id, Reason.RESULT_TOO_LARGE, started
             )
+        after = self._observe_result(principal, decision_id, route, auth, wire, shaped.size, result)
+        if after.signals and not await self._signals(session, principal, decision_id, after):
+            return self._store_failed(decision_id, principal, started)
         if shaped.changed:
             result = types.CallToolResult.model_validate(shaped.result)
         flags: list[str] = []
@@ -651,6 +761,7 @@ class Mediator:
 
         if not await self._record(session, EventKind.RESULT, payload, decision_id):
             return self._store_failed(decision_id, principal, started)
+        await self._respond(after, principal, decision_id, session)
         self._observe("allowed", (), elapsed - downstream, downstream)
         meta = {**(result.meta or {}), DECISION_META: decision_id}
         return result.model_copy(update={"meta": meta})
@@ -669,6 +780,112 @@ class Mediator:
         session.flags.add(flag)
         return True
 
+    # -- detectors ---------------------------------------------------------------------------
+
+    def _precheck(
+        self,
+        call: CallContext,
+        session: _Session | None,
+        principal: Principal,
+        decision_id: str,
+        name: str,
+        route: ToolRoute | None,
+        auth: Authorization,
+        raw_args: Mapping[str, Any],
+    ) -> Verdict:
+        """Run the detectors on a decided call (not on token problems: those are stopped)."""
+        book = self.detectors
+        if book is None or auth.decision.reasons & _UNOBSERVED:
+            return Verdict()
+        token = self.token(principal)
+        allowed = auth.decision.allowed and route is not None
+        observation = Observation(
+            decision_id=decision_id,
+            agent_id=principal.agent_id,
+            jti=principal.token_id,
+            task_id=principal.task_id,
+            session_id=(session.id if session is not None else None) or principal.token_id,
+            client_fingerprint=client_fingerprint(call.client_info, call.peer),
+            category=purpose_category(principal.scopes),
+            connector=route.connector_id if route is not None else "",
+            tool=route.tool_name if route is not None else name,
+            arguments=auth.arguments if allowed else raw_args,
+            labels=auth.labels if allowed else frozenset(),
+            allowed=allowed,
+            reasons=auth.decision.reasons,
+            declared=token.declared(principal.claims),
+        )
+        return book.precheck(observation, self.clock.now())
+
+    def _observe_result(
+        self,
+        principal: Principal,
+        decision_id: str,
+        route: ToolRoute,
+        auth: Authorization,
+        wire: Mapping[str, Any],
+        size: int,
+        result: types.CallToolResult,
+    ) -> Verdict:
+        """Feed a forwarded call's result to the detectors (watched values for private reads)."""
+        book = self.detectors
+        if book is None:
+            return Verdict()
+        watched: tuple[str, ...] = ()
+        if Label.PRIVATE in auth.labels:
+            watched = watched_values(wire)
+        return book.observe_result(
+            ResultObservation(
+                decision_id=decision_id,
+                agent_id=principal.agent_id,
+                task_id=principal.task_id,
+                connector=route.connector_id,
+                tool=route.tool_name,
+                labels=auth.labels,
+                ok=not result.is_error,
+                result_bytes=size,
+                secrets=watched,
+            ),
+            self.clock.now(),
+        )
+
+    async def _signals(
+        self, session: _Session | None, principal: Principal, decision_id: str, verdict: Verdict
+    ) -> bool:
+        """Record one ``detector-signal`` event per signal; False when the store could not."""
+        for signal in verdict.signals:
+            logger.warning(
+                "detector signal",
+                extra={
+                    "decision_id": decision_id,
+                    "agent": principal.agent_id,
+                    "detector": signal.detector.value,
+                    "response": signal.response.value,
+                    "shadow": signal.shadow,
+                },
+            )
+            if not await self._record(
+                session, EventKind.DETECTOR_SIGNAL, lambda s=signal: signal_payload(s), decision_id
+            ):
+                return False
+        return True
+
+    async def _respond(
+        self, verdict: Verdict, principal: Principal, decision_id: str, session: _Session | None
+    ) -> None:
+        """Carry out an action stronger than blocking the call (revoke, quarantine)."""
+        if verdict.action.rank <= Response.BLOCK_CALL.rank or self.responder is None:
+            return
+        try:
+            await self.responder.respond(
+                verdict, principal, decision_id, session.id if session is not None else None
+            )
+        except Exception:
+            logger.exception(
+                "responding to a detector signal failed",
+                extra={"decision_id": decision_id, "agent": principal.agent_id},
+            )
+
     # -- denials and failures ----------------------------------------------------------------
 
     async def _refuse(
@@ -683,6 +900,9 @@ class Mediator:
         started: float,
     ) -> types.CallToolResult:
         decision = refused.decision or Decision.deny(decision_id, *refused.reasons)
+        verdict = refused.verdict or Verdict()
+        if not await self._signals(session, principal, decision_id, verdict):
+            return self._store_failed(decision_id, principal, started)
         if not await self._record(
             session,
             EventKind.DECISION,
@@ -691,6 +911,7 @@ class Mediator:
         ):
             return self._store_failed(decision_id, principal, started)
         self._log_denied(decision_id, refused.reasons, principal)
+        await self._respond(verdict, principal, decision_id, session)
         self._observe("denied", refused.reasons, time.perf_counter() - started, None)
         return denial(decision_id, *refused.reasons, retry_after=refused.retry_after)
 
@@ -878,6 +1099,60 @@ def token_policy(
             raise TypeError("authorization_details must be an array")
         narrowing = parse_authorization_details(list(authorization_details))  # pyright: ignore[reportUnknownArgumentType]
     return TokenPolicy(resolved, narrowing)
+
+
+def client_fingerprint(client_info: Mapping[str, Any], peer: str | None) -> str:
+    """An opaque client fingerprint: SHA-256 of client name, version and peer host or ``local``."""
+    parts = (
+        str(client_info.get("name", "")),
+        str(client_info.get("version", "")),
+        peer or LOCAL_PEER,
+    )
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def watched_values(wire: Mapping[str, Any]) -> tuple[str, ...]:
+    """Secret-looking strings in a result's text (credential shapes, ``KEY=value`` assignments
+    under secret-sounding keys, long high-entropy strings), for the secret-echo detector."""
+    texts: list[str] = []
+    for block in wire.get("content") or ():
+        if isinstance(block, Mapping) and isinstance(block.get("text"), str):
+            texts.append(str(block["text"]))  # pyright: ignore[reportUnknownArgumentType]
+    structured = wire.get("structuredContent")
+    if structured is not None:
+        texts.append(json.dumps(structured, ensure_ascii=False))
+    text = "\n".join(texts)[:_WATCH_TEXT_MAX]
+    found: dict[str, None] = {}
+    for m in _SHAPED.finditer(text):
+        found[m.group(0)] = None
+    for m in _ASSIGNMENT.finditer(text):
+        if _secret_key(m.group(1)) and not m.group(3).isdigit():
+            found[m.group(3)] = None
+    for m in _CANDIDATE.finditer(text):
+        if _high_entropy(m.group(0)):
+            found[m.group(0)] = None
+    return tuple(found)[:_WATCH_VALUES_MAX]
+
+
+def signal_payload(signal: Signal) -> dict[str, Any]:
+    """A ``detector-signal`` event: detector, values, triggering events, response and mode."""
+    return {
+        "detector": signal.detector.value,
+        "score": signal.severity.value,
+        "action": signal.response.value,
+        "would": signal.would.value,
+        "shadow": signal.shadow,
+        "untrusted": signal.untrusted,
+        "values": dict(signal.values),
+        "refs": list(signal.refs),
+        "detail": _signal_detail(signal),
+    }
+
+
+def _signal_detail(signal: Signal) -> str:
+    values = ", ".join(f"{k}={v}" for k, v in signal.values)
+    mode = " (shadow)" if signal.shadow else ""
+    return f"{signal.detector.value}: {values} -> {signal.would.value}{mode}"
 
 
 def _rate(per_minute: float, burst: int) -> RateLimit | None:
