@@ -14,6 +14,7 @@ credential (authorization, cookie, token, secret, password, key) must be a refer
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -31,6 +32,8 @@ __all__ = [
     "ApprovalConfig",
     "BrokerConfig",
     "ConnectorConfig",
+    "ConnectorLimitsConfig",
+    "EgressConfig",
     "LimitsConfig",
     "OutputConfig",
     "RecordingConfig",
@@ -165,6 +168,85 @@ class RecordingConfig(_Model):
         return v
 
 
+_EGRESS_HOST = re.compile(
+    r"^(\*\.)?(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class EgressConfig(_Model):
+    """``[connectors.egress]`` (stdio): where a sandboxed connector may connect, through the
+    broker's egress proxy only. Without it a sandboxed connector has no network at all."""
+
+    hosts: tuple[str, ...]
+    """Host names (``api.example.com``), subdomain wildcards (``*.example.com``) or IP literals."""
+    ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = (80, 443)
+    allow_private: bool = False
+    """Allow RFC 1918, unique-local and CGNAT addresses (refused by default)."""
+    allow_networks: tuple[str, ...] = ()
+    """CIDRs allowed although refused by default (loopback, link-local, ...)."""
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_shapes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("expected at least one host (omit [egress] for no network)")
+        out: list[str] = []
+        for host in v:
+            name = host.strip().lower().rstrip(".")
+            try:
+                out.append(str(ipaddress.ip_address(name.strip("[]"))))
+                continue
+            except ValueError:
+                pass
+            if not _EGRESS_HOST.match(name):
+                raise ValueError(
+                    f"host {host!r}: expected a name, '*.' and a name, or an IP address"
+                )
+            out.append(name)
+        return tuple(out)
+
+    @field_validator("ports")
+    @classmethod
+    def _some_ports(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("expected at least one port")
+        return v
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out: list[str] = []
+        for cidr in v:
+            try:
+                out.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a network such as 10.1.0.0/16") from None
+        return tuple(out)
+
+
+class ConnectorLimitsConfig(_Model):
+    """``[connectors.limits]`` (stdio): resource limits inside the sandbox (not the rate limits
+    of the top-level ``[limits]``)."""
+
+    address_space_mb: Annotated[int, Field(ge=16)] = 8192
+    processes: Annotated[int, Field(ge=1)] = 256
+    open_files: Annotated[int, Field(ge=16)] = 1024
+    cpu_seconds: Annotated[int, Field(ge=1)] = 3600
+    file_size_mb: Annotated[int, Field(ge=1)] = 1024
+    tmpfs_mb: Annotated[int, Field(ge=1)] = 64
+
+
+_SANDBOX_KEYS = (
+    "sandbox",
+    "writable_paths",
+    "runtime_paths",
+    "egress",
+    "limits",
+    "sandbox_uid",
+    "sandbox_gid",
+)
+
+
 class ConnectorConfig(_Model):
     """``[[connectors]]``: one downstream tool source."""
 
@@ -187,6 +269,26 @@ class ConnectorConfig(_Model):
     symlinks here, so a link inside a granted root that leads out of it is refused."""
     call_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     max_call_timeout: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    sandbox: Literal["required", "auto", "off"] = "auto"
+    """stdio: ``required`` refuses to start where the platform cannot sandbox; ``auto`` sandboxes
+    where it can (and says so loudly where it cannot); ``off`` opts out."""
+    writable_paths: tuple[Path, ...] = ()
+    """stdio: absolute paths the sandbox shows read-write (scope ``within`` roots are read-only)."""
+    runtime_paths: tuple[Path, ...] = ()
+    """stdio: extra absolute paths the connector needs to run, shown read-only."""
+    egress: EgressConfig | None = None
+    """stdio: network through the broker's egress proxy; None: no network in the sandbox."""
+    limits: ConnectorLimitsConfig = ConnectorLimitsConfig()
+    sandbox_uid: Annotated[int, Field(ge=1, le=2**32 - 2)] = 65534
+    sandbox_gid: Annotated[int, Field(ge=1, le=2**32 - 2)] = 65534
+
+    @field_validator("writable_paths", "runtime_paths")
+    @classmethod
+    def _absolute(cls, v: tuple[Path, ...]) -> tuple[Path, ...]:
+        for path in v:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} is not an absolute path")
+        return v
 
     @field_validator("prefix")
     @classmethod
@@ -202,6 +304,10 @@ class ConnectorConfig(_Model):
             raise ValueError(f"a {self.kind} connector needs '{need}'")
         if self.call_timeout > self.max_call_timeout:
             raise ValueError("call_timeout must not exceed max_call_timeout")
+        if self.kind != "stdio":
+            given = [k for k in _SANDBOX_KEYS if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only stdio connectors are sandboxed")
         for where, values in (("env", self.env), ("headers", self.headers)):
             for name, value in values.items():
                 if _SECRETISH.search(name) and not _REF_RE.match(value):

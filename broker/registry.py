@@ -17,6 +17,16 @@ digest, and then with the *approved* definition exactly (renamed), never the dow
 After a downstream ``list_changed`` or a restart the connector is re-listed and re-pinned; a
 definition that changed hides the tool at once (calls answer ``tool-definition-changed``).
 
+Provenance (issue 8): for every stdio connector built from config the registry also pins what
+it runs (`connectors.provenance`) as the pseudo-tool ``@provenance`` of that connector, in the
+same pin table. Until that pin is approved the connector exposes no tool (``tool-unapproved``);
+when what it runs differs from the approved provenance its tools answer
+``tool-definition-changed`` and the connector is kept down (closed, not restarted) until the new
+provenance is approved, after which it is rebuilt with the approved digest as
+``StdioSpec.expected_provenance``, so every later spawn is refused if the files change again.
+Provenance is checked at start, at every re-list (restart, ``list_changed``) and at every spawn;
+not continuously in between.
+
 Approvals made by another process (``broker connectors approve`` on the shared store) are noticed
 by polling the pins every ``pin_poll_interval`` seconds (default 2): one ``list_pins()`` query,
 and a rebuild only when something relevant changed. The same poll retries connectors whose last
@@ -26,6 +36,8 @@ listing failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -45,15 +57,27 @@ from broker.core.pinning import PinStatus, ToolPin, definition_digest, pinned_de
 from broker.errors import BrokerError, ConfigError
 from broker.ports import Clock, Store, StoredConnector, SystemClock
 from connectors import (
+    PROVENANCE_PIN_NAME,
     ChangeKind,
     Connector,
     ConnectorError,
     ConnectorSpec,
+    EgressPolicy,
+    EgressProxy,
     HttpSpec,
     NativeSpec,
+    ProvenanceChanged,
+    ResourceLimits,
+    SandboxMode,
+    SandboxSpec,
     StdioSpec,
+    child_environment,
+    connector_provenance,
     open_connector,
+    pinned_provenance_digest,
+    provenance_pin_definition,
 )
+from scopes import ScopeDefinition
 
 __all__ = [
     "NAME_RE",
@@ -64,9 +88,11 @@ __all__ = [
     "SnapshotChange",
     "TemplateRoute",
     "ToolRoute",
+    "broker_private_paths",
     "build_spec",
     "connector_configs",
     "exposed_name",
+    "scope_read_paths",
 ]
 
 logger = logging.getLogger("broker.registry")
@@ -214,8 +240,64 @@ def connector_configs(
     return out
 
 
-def build_spec(c: ConnectorConfig, environ: Mapping[str, str], base_dir: Path) -> ConnectorSpec:
+def scope_read_paths(connector_id: str, scopes: Iterable[ScopeDefinition]) -> tuple[str, ...]:
+    """The ``within`` roots of every scope grant naming ``connector_id``, sorted, unique."""
+    roots: set[str] = set()
+    for definition in scopes:
+        for grant in definition.grants:
+            if grant.connector != connector_id:
+                continue
+            for constraint in grant.constraints.items:
+                for name, operand in constraint.operators:
+                    if name != "within":
+                        continue
+                    values = operand if isinstance(operand, tuple) else (operand,)
+                    roots.update(str(v) for v in values if isinstance(v, str))  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+    return tuple(sorted(roots))
+
+
+def broker_private_paths(
+    config: BrokerConfig, environ: Mapping[str, str], config_file: Path | None = None
+) -> tuple[str, ...]:
+    """What no sandbox may show: the config file, the keys dir, the recording key, the SQLite
+    database (with its -wal/-shm) and every ``file:`` secret of every connector."""
+    base = config.base_dir
+    paths: list[Path] = []
+    if config_file is None:
+        named = environ.get("BROKER_CONFIG")
+        config_file = Path(named) if named else base / "broker.toml"
+    paths.append(config_file if config_file.is_absolute() else base / config_file)
+    paths.append(config.tokens.keys_dir)
+    refs = [config.recording.hmac_key]
+    for c in config.connectors:
+        refs += [*c.env.values(), *c.headers.values()]
+    for ref in refs:
+        if ref.startswith("file:"):
+            p = Path(ref[5:])
+            paths.append(p if p.is_absolute() else base / p)
+    prefix = "sqlite+aiosqlite:///"
+    if config.store.url.startswith(prefix):
+        db = config.store.url[len(prefix) :]
+        if db and db != ":memory:":
+            p = Path(db) if Path(db).is_absolute() else base / db
+            paths += [p, Path(f"{p}-wal"), Path(f"{p}-shm"), Path(f"{p}-journal")]
+    return tuple(dict.fromkeys(os.path.abspath(p) for p in paths))
+
+
+def build_spec(
+    c: ConnectorConfig,
+    environ: Mapping[str, str],
+    base_dir: Path,
+    *,
+    scopes: Iterable[ScopeDefinition] = (),
+    deny_paths: Sequence[str] = (),
+    expected_provenance: str | None = None,
+) -> ConnectorSpec:
     """The connector spec for ``c`` with every ``env:``/``file:`` reference resolved.
+
+    A stdio spec carries its sandbox: the ``within`` roots of the grants in ``scopes`` naming
+    this connector read-only (none by default: a connector sees no data unless a scope names
+    it), ``writable_paths`` read-write, ``deny_paths`` (see `broker_private_paths`) refused.
 
     Raises:
         ConfigError: a referenced variable is unset or a referenced file unreadable.
@@ -236,6 +318,8 @@ def build_spec(c: ConnectorConfig, environ: Mapping[str, str], base_dir: Path) -
             env={k: resolve_secret(v, environ, base_dir) for k, v in c.env.items()},
             env_allowlist=c.env_allowlist,
             cwd=str(c.cwd) if c.cwd is not None else None,
+            sandbox=_sandbox_spec(c, scopes, deny_paths),
+            expected_provenance=expected_provenance,
         )
     if c.kind == "http":
         assert c.url is not None  # noqa: S101 - ConnectorConfig checked it
@@ -248,6 +332,61 @@ def build_spec(c: ConnectorConfig, environ: Mapping[str, str], base_dir: Path) -
     return NativeSpec(**common, target=c.target)
 
 
+def _sandbox_spec(
+    c: ConnectorConfig, scopes: Iterable[ScopeDefinition], deny_paths: Sequence[str]
+) -> SandboxSpec:
+    read_paths: list[str] = []
+    for root in scope_read_paths(c.id, scopes):
+        if os.path.lexists(root):
+            read_paths.append(root)
+        else:
+            # Nothing to show; the grant still checks arguments against it.
+            logger.warning(
+                "scope root missing; not shown in the sandbox", extra={"connector": c.id}
+            )
+    limits = c.limits
+    mib = 1024 * 1024
+    egress = (
+        EgressPolicy(
+            hosts=c.egress.hosts,
+            ports=c.egress.ports,
+            allow_private=c.egress.allow_private,
+            allow_networks=c.egress.allow_networks,
+        )
+        if c.egress is not None
+        else None
+    )
+    return SandboxSpec(
+        mode=SandboxMode(c.sandbox),
+        read_paths=tuple(read_paths),
+        write_paths=tuple(str(p) for p in c.writable_paths),
+        runtime_paths=tuple(str(p) for p in c.runtime_paths),
+        deny_paths=tuple(deny_paths),
+        egress=egress,
+        limits=ResourceLimits(
+            address_space=limits.address_space_mb * mib,
+            processes=limits.processes,
+            open_files=limits.open_files,
+            cpu_seconds=limits.cpu_seconds,
+            file_size=limits.file_size_mb * mib,
+            tmpfs_size=limits.tmpfs_mb * mib,
+        ),
+        uid=c.sandbox_uid,
+        gid=c.sandbox_gid,
+    )
+
+
+def _approved_provenance(pins: Iterable[ToolPin]) -> str | None:
+    """The approved provenance digest among a connector's pins (None when never approved)."""
+    for pin in pins:
+        if pin.tool_name == PROVENANCE_PIN_NAME and pin.approved_definition is not None:
+            try:
+                return pinned_provenance_digest(pin.approved_definition)
+            except (KeyError, TypeError):
+                return None
+    return None
+
+
 # -- per-connector state -----------------------------------------------------------------------
 
 
@@ -258,10 +397,26 @@ class _Seen:
     digest: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """How the registry (re)builds a stdio connector whose provenance it pins."""
+
+    spec: StdioSpec
+    environ: Mapping[str, str]
+    egress: EgressProxy | None
+
+
 @dataclass(slots=True)
 class _Source:
     connector: Connector
     prefix: str
+    origin: _Origin | None = None
+    provenance: ToolPin | None = None
+    """The ``@provenance`` pin as last seen (stdio connectors built from config only)."""
+    expected: str | None = None
+    """The provenance digest the running connector's spawns are checked against."""
+    held: bool = False
+    """Kept down: what it runs differs from the approved provenance."""
     tools: tuple[_Seen, ...] = ()
     pins: dict[str, ToolPin] = field(default_factory=dict[str, ToolPin])
     resources: tuple[types.Resource, ...] = ()
@@ -311,23 +466,40 @@ class Registry:
         clock: Clock | None = None,
         pin_poll_interval: float = 2.0,
         extra: Iterable[tuple[Connector, str | None]] = (),
+        scopes: Iterable[ScopeDefinition] = (),
+        egress: EgressProxy | None = None,
     ) -> Registry:
         """A registry holding the configured and stored connectors (not started yet).
 
         ``extra`` adds ready-made connectors (e.g. native tool sets) with their prefixes.
+        ``scopes`` decide what each stdio sandbox shows (none: no data paths); ``egress`` is
+        the proxy of connectors that declare egress.
 
         Raises:
-            ConfigError: a connector is invalid, a secret reference cannot be resolved, or two
-                connectors share a prefix.
+            ConfigError: a connector is invalid, a secret reference cannot be resolved, two
+                connectors share a prefix, or a connector requires a sandbox this platform
+                cannot provide (the message names the connector and why).
         """
         env = os.environ if environ is None else environ
+        scope_list = list(scopes)
+        deny = broker_private_paths(config, env)
         registry = cls(store, clock=clock, pin_poll_interval=pin_poll_interval)
         for c in connector_configs(config, await store.list_connectors()):
             try:
-                connector = open_connector(build_spec(c, env, config.base_dir), environ=env)
+                spec = build_spec(c, env, config.base_dir, scopes=scope_list, deny_paths=deny)
+                if isinstance(spec, StdioSpec):
+                    expected = _approved_provenance(await store.get_pins(c.id))
+                    registry.add_stdio(
+                        spec,
+                        environ=env,
+                        egress=egress,
+                        prefix=c.tool_prefix,
+                        expected_provenance=expected,
+                    )
+                else:
+                    registry.add(open_connector(spec, environ=env), prefix=c.tool_prefix)
             except ConnectorError as exc:
                 raise ConfigError(f"connector '{c.id}': {exc}") from None
-            registry.add(connector, prefix=c.tool_prefix)
         for connector, prefix in extra:
             registry.add(connector, prefix=prefix)
         return registry
@@ -356,6 +528,35 @@ class Registry:
                 )
         self._sources[connector.id] = _Source(connector, tool_prefix)
         connector.add_change_listener(self._listener_for(connector.id))
+
+    def add_stdio(
+        self,
+        spec: StdioSpec,
+        *,
+        environ: Mapping[str, str],
+        egress: EgressProxy | None = None,
+        prefix: str | None = None,
+        expected_provenance: str | None = None,
+    ) -> Connector:
+        """Build and `add` a stdio connector whose provenance the registry pins (see the module
+        docstring); ``expected_provenance`` is the approved digest, if any.
+
+        Raises:
+            ConnectorError: the spec cannot work (bad sandbox paths, a required sandbox the
+                platform cannot provide, egress without a proxy).
+            ConfigError: as `add`.
+        """
+        base = dataclasses.replace(spec, expected_provenance=None)
+        connector = open_connector(
+            dataclasses.replace(spec, expected_provenance=expected_provenance),
+            environ=environ,
+            egress=egress,
+        )
+        self.add(connector, prefix=prefix)
+        source = self._sources[connector.id]
+        source.origin = _Origin(base, environ, egress)
+        source.expected = expected_provenance
+        return connector
 
     async def register(self, connector: Connector, *, prefix: str | None = None) -> Snapshot:
         """Add, start, list and pin one connector while the registry runs.
@@ -496,6 +697,14 @@ class Registry:
                 if _pin_view(current) != _pin_view(source.pins):
                     source.pins = current
                     changed = True
+                provenance = fresh.get(PROVENANCE_PIN_NAME)
+                if source.origin is not None and provenance is not None:
+                    known = source.provenance
+                    if known is None or _pin_view({"": known}) != _pin_view({"": provenance}):
+                        source.provenance = provenance
+                        changed = True
+                        if source.held and provenance.approved_digest == provenance.digest:
+                            await self._relist(source, first=False)
             if changed:
                 await self._swap(self._build(strict=False))
             return self._snapshot
@@ -530,7 +739,8 @@ class Registry:
         async with self._lock:
             touched = False
             for source in self._sources.values():
-                if source.dirty or source.failure is not None:
+                # A held connector waits for approval (reload_pins) rather than re-hashing.
+                if source.dirty or (source.failure is not None and not source.held):
                     source.dirty.clear()
                     stale = self._stale.pop(source.id, None)
                     if stale is not None:
@@ -545,6 +755,17 @@ class Registry:
 
     async def _relist(self, source: _Source, first: bool) -> None:
         """List everything the connector offers and pin its tools; failures hide it all."""
+        if source.origin is not None:
+            try:
+                runnable = await self._check_provenance(source)
+            except (ConnectorError, BrokerError, OSError) as exc:
+                logger.error("connector provenance failed", extra={"connector": source.id})
+                source.failure = f"connector '{source.id}' provenance could not be read: {exc}"
+                source.tools, source.pins = (), {}
+                source.resources, source.templates, source.prompts = (), (), ()
+                return
+            if not runnable:
+                return
         connector = source.connector
         try:
             await connector.start()
@@ -564,6 +785,18 @@ class Registry:
                 definition = pinned_definition(wire)
                 seen.append(_Seen(tool.name, definition, definition_digest(definition)))
             pins = await self._pin(source, seen)
+        except ProvenanceChanged:
+            # Changed between our check and the spawn: re-pin, which holds the connector down.
+            source.provenance = None
+            source.held = False
+            if source.origin is not None:
+                with contextlib.suppress(ConnectorError, BrokerError, OSError):
+                    await self._check_provenance(source)
+            source.failure = (
+                f"connector '{source.id}' runs something other than what was approved "
+                f"(provenance changed): approve it with `broker connectors approve {source.id}`"
+            )
+            return
         except (ConnectorError, BrokerError) as exc:
             level = logging.ERROR if first else logging.WARNING
             logger.log(level, "listing a connector failed", extra={"connector": source.id})
@@ -579,6 +812,67 @@ class Registry:
             tuple(prompts),
         )
         source.failure = None
+
+    async def _check_provenance(self, source: _Source) -> bool:
+        """Pin what ``source`` runs; False (connector closed, tools kept but disabled) when it
+        differs from the approved provenance. Rebuilds a stopped connector after approval.
+
+        Raises:
+            ConnectorError: the command cannot be resolved.
+            BrokerError: the pin cannot be written.
+            OSError: a file cannot be read.
+        """
+        origin = source.origin
+        assert origin is not None  # noqa: S101 - only called for built stdio sources
+        env = child_environment(origin.spec, origin.environ)
+        provenance = await anyio.to_thread.run_sync(connector_provenance, origin.spec, env)
+        definition = provenance_pin_definition(provenance)
+        digest = definition_digest(definition)
+        pin = source.provenance
+        if pin is None or pin.digest != digest:
+            pin = await self._store.upsert_seen_pin(
+                source.id, PROVENANCE_PIN_NAME, digest, definition, self._clock.now()
+            )
+        source.provenance = pin
+        if pin.approved_digest is not None and pin.approved_digest != digest:
+            logger.warning(
+                "connector provenance changed; connector disabled until approved",
+                extra={"connector": source.id, "digest": digest},
+            )
+            if not source.held:
+                source.held = True
+                await self._stop(source)
+            source.failure = (
+                f"connector '{source.id}' runs something other than what was approved "
+                f"(provenance changed): approve it with `broker connectors approve {source.id}`"
+            )
+            return False
+        expected = _approved_provenance([pin])
+        outdated = expected is not None and expected != source.expected
+        # A running, healthy connector keeps going; a stopped or failed one restarts checked.
+        if source.held or (outdated and source.failure is not None):
+            await self._rebuild(source, expected)
+        source.held = False
+        return True
+
+    async def _stop(self, source: _Source) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await source.connector.aclose()
+            except Exception:
+                logger.exception("connector close failed", extra={"connector": source.id})
+
+    async def _rebuild(self, source: _Source, expected: str | None) -> None:
+        origin = source.origin
+        assert origin is not None  # noqa: S101 - only called for built stdio sources
+        await self._stop(source)
+        source.connector = open_connector(
+            dataclasses.replace(origin.spec, expected_provenance=expected),
+            environ=origin.environ,
+            egress=origin.egress,
+        )
+        source.connector.add_change_listener(self._listener_for(source.id))
+        source.expected = expected
 
     async def _pin(self, source: _Source, seen: Sequence[_Seen]) -> dict[str, ToolPin]:
         pins: dict[str, ToolPin] = {}
@@ -695,7 +989,15 @@ class Registry:
         pin = source.pins.get(seen.name)
         tool: types.Tool | None = None
         disabled: Reason | None
-        if pin is None or pin.approved_digest is None:
+        provenance = source.provenance
+        if source.origin is not None and (provenance is None or provenance.approved_digest is None):
+            disabled = Reason.TOOL_UNAPPROVED
+        elif source.origin is not None and (
+            source.held
+            or (provenance is not None and provenance.approved_digest != provenance.digest)
+        ):
+            disabled = Reason.TOOL_DEFINITION_CHANGED
+        elif pin is None or pin.approved_digest is None:
             disabled = Reason.TOOL_UNAPPROVED
         elif pin.approved_digest != seen.digest:
             disabled = Reason.TOOL_DEFINITION_CHANGED

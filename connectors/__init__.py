@@ -27,12 +27,17 @@ from connectors.base import (
     ChangeListener,
     Connector,
     ConnectorSpec,
+    EgressPolicy,
     HttpSpec,
     JSONValue,
     NativeSpec,
     ProgressCallback,
+    ResourceLimits,
+    SandboxMode,
+    SandboxSpec,
     StdioSpec,
 )
+from connectors.egress import EgressEvent, EgressProxy
 from connectors.errors import (
     CallTimeout,
     ConnectorBroken,
@@ -42,8 +47,17 @@ from connectors.errors import (
     DownstreamError,
 )
 from connectors.mcp_http import HttpConnector
-from connectors.mcp_stdio import StdioConnector
+from connectors.mcp_stdio import StdioConnector, child_environment
 from connectors.native import NativeConnector, Progress, ToolError, ToolSet
+from connectors.provenance import (
+    PROVENANCE_PIN_NAME,
+    Provenance,
+    ProvenanceChanged,
+    connector_provenance,
+    pinned_provenance_digest,
+    provenance_pin_definition,
+)
+from connectors.sandbox import SandboxUnavailable, describe_sandbox, probe_sandbox
 
 __all__ = [
     "CallTimeout",
@@ -56,33 +70,57 @@ __all__ = [
     "ConnectorError",
     "ConnectorSpec",
     "DownstreamError",
+    "EgressEvent",
+    "EgressPolicy",
+    "EgressProxy",
     "HttpConnector",
     "HttpSpec",
     "JSONValue",
     "NativeConnector",
     "NativeSpec",
+    "PROVENANCE_PIN_NAME",
     "Progress",
     "ProgressCallback",
+    "Provenance",
+    "ProvenanceChanged",
+    "ResourceLimits",
+    "SandboxMode",
+    "SandboxSpec",
+    "SandboxUnavailable",
     "StdioConnector",
     "StdioSpec",
     "ToolError",
     "ToolSet",
+    "child_environment",
+    "connector_provenance",
+    "describe_sandbox",
     "open_connector",
+    "pinned_provenance_digest",
+    "probe_sandbox",
+    "provenance_pin_definition",
 ]
 
 
-def open_connector(spec: ConnectorSpec, *, environ: Mapping[str, str] | None = None) -> Connector:
+def open_connector(
+    spec: ConnectorSpec,
+    *,
+    environ: Mapping[str, str] | None = None,
+    egress: EgressProxy | None = None,
+) -> Connector:
     """Build the connector for ``spec`` (not started: call ``await connector.start()``).
 
     ``environ`` is the broker's environment a stdio child's allowlist draws from
-    (default: ``os.environ``).
+    (default: ``os.environ``); ``egress`` is the proxy a sandboxed stdio connector that
+    declares egress reaches the network through.
 
     Raises:
-        ConnectorConfigError: the spec cannot work (empty command, bad native target).
+        ConnectorConfigError: the spec cannot work (empty command, bad native target, bad
+            sandbox paths, egress declared without a proxy).
+        SandboxUnavailable: the spec requires a sandbox this platform cannot provide.
     """
     match spec:
         case StdioSpec():
-            return StdioConnector(spec, environ=environ)
+            return StdioConnector(spec, environ=environ, egress=egress)
         case HttpSpec():
             return HttpConnector(spec)
         case NativeSpec():

@@ -42,8 +42,18 @@ from broker.config import BrokerConfig, ConnectorConfig
 from broker.core.pinning import PinStatus, ToolPin
 from broker.errors import ConfigError, NotFound
 from broker.ports import StoredConnector
-from broker.registry import Registry, build_spec, connector_configs
-from connectors import ConnectorError, open_connector
+from broker.registry import Registry, broker_private_paths, build_spec, connector_configs
+from connectors import (
+    PROVENANCE_PIN_NAME,
+    ConnectorError,
+    ConnectorSpec,
+    EgressEvent,
+    EgressProxy,
+    StdioSpec,
+    describe_sandbox,
+    open_connector,
+)
+from scopes import ScopeError, load_scope_files
 
 __all__ = ["app", "definition_diff", "render_definition"]
 
@@ -108,14 +118,44 @@ async def _find(cfg: BrokerConfig, store: Any, connector_id: str) -> ConnectorCo
     raise NotFound(f"no connector with id {connector_id!r} (see `broker connectors list`)")
 
 
-async def _refresh(cfg: BrokerConfig, store: Any, connector: ConnectorConfig) -> None:
-    """Start the connector here, list and pin its tools, stop it."""
+def _spec(cfg: BrokerConfig, connector: ConnectorConfig, config_file: Path) -> ConnectorSpec:
+    """The spec exactly as the broker builds it (sandbox from the scope files, broker files
+    denied), without the approved provenance.
+
+    Raises:
+        ConfigError: a scope file or a secret reference is unusable.
+    """
     try:
-        instance = open_connector(build_spec(connector, os.environ, cfg.base_dir))
+        definitions = load_scope_files(cfg.scope_files)
+    except ScopeError as exc:
+        raise ConfigError(str(exc)) from None
+    deny = broker_private_paths(cfg, os.environ, config_file)
+    return build_spec(connector, os.environ, cfg.base_dir, scopes=definitions, deny_paths=deny)
+
+
+def _ignore_egress(_event: EgressEvent) -> None:
+    """Listing tools here needs no network; attempts are refused by policy and logged anyway."""
+
+
+async def _refresh(
+    cfg: BrokerConfig, store: Any, connector: ConnectorConfig, config_file: Path
+) -> None:
+    """Start the connector here (sandboxed as the broker would), pin its tools and what it
+    runs, stop it."""
+    registry = Registry(store, pin_poll_interval=3600)
+    try:
+        spec = _spec(cfg, connector, config_file)
+        if isinstance(spec, StdioSpec):
+            registry.add_stdio(
+                spec,
+                environ=os.environ,
+                egress=EgressProxy(on_event=_ignore_egress),
+                prefix=connector.tool_prefix,
+            )
+        else:
+            registry.add(open_connector(spec), prefix=connector.tool_prefix)
     except ConnectorError as exc:
         raise ConfigError(f"connector '{connector.id}': {exc}") from None
-    registry = Registry(store, pin_poll_interval=3600)
-    registry.add(instance, prefix=connector.tool_prefix)
     try:
         snapshot = await registry.start()
     finally:
@@ -256,6 +296,18 @@ def list_connectors(
     console.print(table)
 
 
+def _sandbox_lines(cfg: BrokerConfig, connector: ConnectorConfig, config_file: Path) -> list[str]:
+    """What `describe_sandbox` says of the connector (stdio only; others run no process)."""
+    if connector.kind != "stdio":
+        return [f"sandbox: none ({connector.kind} connectors run no local process)"]
+    try:
+        spec = _spec(cfg, connector, config_file)
+    except ConfigError as exc:
+        return [f"sandbox: cannot be described: {exc}"]
+    assert isinstance(spec, StdioSpec)  # noqa: S101 - a stdio config builds a stdio spec
+    return describe_sandbox(spec)
+
+
 def _status(pins: Sequence[ToolPin]) -> str:
     if not pins:
         return "not listed yet"
@@ -295,16 +347,18 @@ def show(
         async with open_store(cfg) as store:
             connector = await _find(cfg, store, connector_id)
             if refresh:
-                await _refresh(cfg, store, connector)
+                await _refresh(cfg, store, connector, config)
             return connector, await store.get_pins(connector_id)
 
     connector, pins = run(body)
+    sandbox = _sandbox_lines(cfg, connector, config)
     if json_out:
         emit_json(
             {
                 "id": connector.id,
                 "kind": connector.kind,
                 "prefix": connector.tool_prefix,
+                "sandbox": sandbox,
                 "tools": [_pin_json(p) for p in pins],
             }
         )
@@ -314,6 +368,8 @@ def show(
         f"{connector.tool_prefix or '(none)'})",
         markup=False,
     )
+    for line in sandbox:
+        console.print(line, markup=False, soft_wrap=True)
     table = Table("tool", "status", "digest", "approved by", "approved at")
     for pin in pins:
         table.add_row(
@@ -351,7 +407,7 @@ def approve(
         async with open_store(cfg) as store:
             connector = await _find(cfg, store, connector_id)
             if refresh:
-                await _refresh(cfg, store, connector)
+                await _refresh(cfg, store, connector, config)
             pins = await store.get_pins(connector_id)
         by_name = {p.tool_name: p for p in pins}
         if tools:
@@ -362,6 +418,9 @@ def approve(
                     " (listed tools appear once the broker or --refresh has seen them)"
                 )
             chosen = [by_name[t] for t in tools]
+            # No tool of a connector is served before what it runs is approved: take it along.
+            if PROVENANCE_PIN_NAME in by_name and PROVENANCE_PIN_NAME not in tools:
+                chosen.append(by_name[PROVENANCE_PIN_NAME])
         else:
             chosen = list(pins)
         return [p for p in chosen if p.status is not PinStatus.APPROVED]
@@ -411,6 +470,16 @@ def approve(
 
 
 def _describe(pin: ToolPin) -> None:
+    if pin.tool_name == PROVENANCE_PIN_NAME:
+        what = "CHANGED since approval" if pin.status is PinStatus.CHANGED else "never approved"
+        console.print(
+            f"--- what the connector runs ({what}; digest {pin.digest[:12]}):", markup=False
+        )
+        if pin.status is PinStatus.CHANGED and pin.approved_definition is not None:
+            console.print(definition_diff(pin.approved_definition, pin.definition), markup=False)
+        else:
+            console.print(render_definition(pin.definition), markup=False)
+        return
     if pin.status is PinStatus.CHANGED and pin.approved_definition is not None:
         console.print(
             f"--- tool '{_safe(pin.tool_name)}' CHANGED since approval (digest "

@@ -104,6 +104,9 @@ class EventKind(StrEnum):
     """A notification either way: ``{"direction": "in"|"out", "method", "params"? (redacted)}``."""
     APPROVAL = "approval"
     """A human approval step: ``{"approval_id", "state", "actor"?, "reason"?}``."""
+    EGRESS = "egress"
+    """A connector's network attempt through the egress proxy: ``{"connector", "allowed",
+    "kind", "host", "port", "address", "reason"?, "method"?}``."""
     DETECTOR_SIGNAL = "detector-signal"
     """An anomaly detector fired: ``{"detector", "score", "action", "detail"?}``."""
     SESSION_CLOSED = "session-closed"
