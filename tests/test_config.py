@@ -135,3 +135,75 @@ def test_broker_variables_of_agents_and_tools_are_not_config_overrides() -> None
 def test_a_misspelt_section_override_is_still_an_error() -> None:
     with pytest.raises(ConfigError, match="unknown key 'sevrer'"):
         load_config(None, {"BROKER_SEVRER__PORT": "1"})
+
+
+STDIO = '[[connectors]]\nid = "box"\nkind = "stdio"\ncommand = "/usr/bin/true"\n'
+
+
+def test_a_stdio_connector_is_sandboxed_automatically_with_no_network_by_default(
+    tmp_path: Path,
+) -> None:
+    box = load_config(write(tmp_path, STDIO), {}).connectors[0]
+    assert box.sandbox == "auto"
+    assert box.egress is None
+    assert box.writable_paths == ()
+    assert (box.sandbox_uid, box.sandbox_gid) == (65534, 65534)
+    assert box.limits.address_space_mb == 8192
+    assert box.limits.processes == 256
+    assert box.limits.tmpfs_mb == 64
+
+
+def test_sandbox_keys_load_from_the_connector_table(tmp_path: Path) -> None:
+    text = (
+        STDIO + 'sandbox = "required"\nwritable_paths = ["/srv/out"]\n'
+        'runtime_paths = ["/opt/tool"]\nsandbox_uid = 1000\nsandbox_gid = 1000\n'
+        '[connectors.egress]\nhosts = ["API.example.com", "*.example.org", "203.0.113.7"]\n'
+        'ports = [443]\nallow_networks = ["10.1.0.0/16"]\n'
+        "[connectors.limits]\nprocesses = 32\nopen_files = 64\n"
+    )
+    box = load_config(write(tmp_path, text), {}).connectors[0]
+    assert box.sandbox == "required"
+    assert box.writable_paths == (Path("/srv/out"),)
+    assert box.runtime_paths == (Path("/opt/tool"),)
+    assert box.egress is not None
+    assert box.egress.hosts == ("api.example.com", "*.example.org", "203.0.113.7")
+    assert box.egress.ports == (443,)
+    assert box.egress.allow_private is False
+    assert box.egress.allow_networks == ("10.1.0.0/16",)
+    assert (box.limits.processes, box.limits.open_files, box.limits.cpu_seconds) == (32, 64, 3600)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('sandbox = "maybe"\n', "connectors.0.sandbox"),
+        ('writable_paths = ["out"]\n', "'out' is not an absolute path"),
+        ('runtime_paths = ["lib"]\n', "'lib' is not an absolute path"),
+        ("[connectors.egress]\nhosts = []\n", "expected at least one host"),
+        ('[connectors.egress]\nhosts = ["bad host"]\n', "expected a name"),
+        ('[connectors.egress]\nhosts = ["a.com"]\nallow_networks = ["x"]\n', "not a network"),
+        ('[connectors.egress]\nhosts = ["a.com"]\nports = [0]\n', "connectors.0.egress.ports"),
+        ("[connectors.limits]\nprocesses = 0\n", "connectors.0.limits.processes"),
+        ("[connectors.limits]\nswap_mb = 1\n", "unknown key 'connectors.0.limits.swap_mb'"),
+    ],
+    ids=[
+        "unknown-mode",
+        "relative-writable",
+        "relative-runtime",
+        "no-hosts",
+        "bad-host",
+        "bad-network",
+        "bad-port",
+        "zero-processes",
+        "unknown-limit",
+    ],
+)
+def test_a_bad_sandbox_key_is_an_error_naming_it(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, STDIO + extra), {})
+
+
+def test_sandbox_keys_on_a_connector_that_runs_no_process_are_an_error(tmp_path: Path) -> None:
+    text = '[[connectors]]\nid = "web"\nkind = "http"\nurl = "https://x.example"\nsandbox = "off"\n'
+    with pytest.raises(ConfigError, match="only stdio connectors are sandboxed"):
+        load_config(write(tmp_path, text), {})
