@@ -604,6 +604,10 @@ class AdminActions:
             revocations = self.services.revocations
             if revocations is not None:
                 revocations.apply_status(agent.id, status, at)
+            front = getattr(self.services, "front", None)
+            if status is not AgentStatus.ACTIVE and front is not None:
+                # Takes effect at once: calls in flight are cancelled, live sessions closed.
+                await front.cut_off(agent.id)
             metrics = self._metrics()
             if metrics is not None:
                 metrics.agent_status_changed(status.value)

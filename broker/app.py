@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Mount, Route, Router
+from starlette.routing import BaseRoute, Mount, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.config import BrokerConfig
 from broker.errors import ConfigError
+from broker.health import health_routes
 from broker.ports import Clock, Store, SystemClock
 
 __all__ = ["Services", "create_app"]
@@ -48,6 +48,7 @@ class Services:
     recorder: Any = None
     call_approvals: Any = None
     approval_desk: Any = None
+    metrics: Any = None
     scopes: dict[str, Any] = field(default_factory=dict[str, Any])
     ready: bool = False
 
@@ -88,15 +89,7 @@ def create_app(
     )
     deferred = _Deferred()
 
-    async def healthz(request: Request) -> JSONResponse:
-        if not services.ready:
-            return JSONResponse({"status": "starting"}, 503)
-        return JSONResponse({"status": "ok"})
-
-    routes: list[BaseRoute] = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Mount("/", app=deferred),
-    ]
+    routes: list[BaseRoute] = [*health_routes(services), Mount("/", app=deferred)]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -118,6 +111,7 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
     from broker.approvals import ApprovalDesk, CallApprovalGate, TokenApprovals
     from broker.keys import KeyRing, ensure_signing_key
     from broker.mcp_front import McpFront
+    from broker.metrics import Metrics
     from broker.recorder import Recorder
     from broker.registry import Registry
     from broker.responses import AgentResponder
@@ -139,13 +133,21 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
         stack.push_async_callback(services.store.aclose)
     store = services.store
     await store.migrate()
+    services.metrics = Metrics()
+    services.metrics.watch_store(store)
 
     await ensure_signing_key(store, config.tokens.keys_dir, clock.now())
     services.keyring = await KeyRing.load(
         store, config.tokens.keys_dir, max_ttl=config.tokens.max_ttl, leeway=config.tokens.leeway
     )
     services.revocations = await stack.enter_async_context(
-        RevocationCache(store, clock, staleness=config.store.revocation_staleness)
+        RevocationCache(
+            store,
+            clock,
+            staleness=config.store.revocation_staleness,
+            poll_interval=config.store.revocation_poll_interval,
+            listen=config.store.listen,
+        )
     )
     try:
         definitions = load_scope_files(config.scope_files)
@@ -191,11 +193,15 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
         known_secrets=_connector_secrets(config, services.environ),
         local_connectors=[c.id for c in config.connectors if c.local_paths],
         approvals=services.call_approvals,
+        observer=services.metrics,
         transport="http",
         detectors=config.detectors,
         responder=responder,
     )
     await stack.enter_async_context(services.front.lifespan())
+    # A quarantine, disable or agent revocation seen by this replica (from any replica, through
+    # the store) cancels the agent's calls in flight here and closes its sessions here.
+    services.revocations.add_cut_off_listener(services.front.cut_off)
 
 
 def _redactor(config: BrokerConfig, environ: Mapping[str, str]) -> Any:
@@ -228,9 +234,16 @@ def _connector_secrets(config: BrokerConfig, environ: Mapping[str, str]) -> list
 
 
 def _routes(services: Services) -> list[BaseRoute]:
+    from broker.admin import AdminActions, admin_routes
+    from broker.metrics import metrics_routes
     from broker.oauth import oauth_routes
+    from broker.review import review_routes
 
+    actions = AdminActions(services)  # one audit writer shared by the admin API and review page
     return [
         *oauth_routes(services.tokens),
+        *admin_routes(services, actions=actions, approvals=services.approval_desk),
+        *review_routes(services, actions=actions),
+        *metrics_routes(services.metrics),
         Mount("/", app=services.front.asgi_app()),
     ]

@@ -92,6 +92,19 @@ class StoreConfig(_Model):
     max_overflow: Annotated[int, Field(ge=0, le=200)] = 10
     revocation_staleness: Annotated[float, Field(gt=0, le=3600)] = 5.0
     """Seconds: a replica whose revocation view is older than this refuses calls."""
+    revocation_poll_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """Seconds between polls of the store for revocations (the fallback to LISTEN/NOTIFY)."""
+    listen: bool = True
+    """On PostgreSQL, hear revocations at once through LISTEN/NOTIFY (polling continues)."""
+
+    @model_validator(mode="after")
+    def _poll_within_bound(self) -> StoreConfig:
+        if self.revocation_poll_interval >= self.revocation_staleness:
+            raise ValueError(
+                f"revocation_poll_interval ({self.revocation_poll_interval}) must be less than "
+                f"revocation_staleness ({self.revocation_staleness})"
+            )
+        return self
 
     @field_validator("url")
     @classmethod

@@ -285,6 +285,9 @@ def ensure_recording_key(ref: str, base_dir: Path) -> None:
     if path.exists():
         return
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another worker starting at the same moment wrote it first
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(secrets.token_hex(32) + "\n")

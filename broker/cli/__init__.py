@@ -31,6 +31,7 @@ def _register() -> None:
         ("connectors", "connectors", "app"),
         ("sessions", "sessions", "app"),
         ("approvals", "approvals", "app"),
+        ("admin", "admin-token", "app"),
     ):
         try:
             mod = importlib.import_module(f"broker.cli.{module}")

@@ -70,7 +70,6 @@ description = "A tool that runs until told"
 connector = "slow"
 tools = ["*"]
 """
-WIRING = "create_app does not wire it yet (see the issue 7 report)"
 
 
 @dataclass
@@ -258,7 +257,6 @@ async def test_budget_counting_is_exact_across_two_processes_at_the_store(
     assert granted == 10
 
 
-@pytest.mark.xfail(reason=f"no cut-off listener calls front.cut_off: {WIRING}", strict=True)
 async def test_a_quarantine_closes_a_live_session_and_cancels_a_call_held_on_another_replica(
     cluster: Cluster, tmp_path: Path
 ) -> None:
