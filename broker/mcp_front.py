@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -58,13 +59,15 @@ from mcp.server.subscriptions import (
     ToolsListChanged,
 )
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 
 from broker.config import LimitsConfig, OutputConfig, ServerConfig
 from broker.core.decision import Reason
 from broker.core.detectors import DetectorBook, DetectorsConfig
+from broker.event_store import BoundedEventStore, per_session_event_stores
+from broker.front_relays import FrontRelays, resource_not_found
 from broker.mediation import (
     CallApprovals,
     CallContext,
@@ -81,6 +84,7 @@ from broker.ports import Clock
 from broker.principal import PrincipalCache, PrincipalLookup
 from broker.registry import Registry, SnapshotChange
 from connectors import CallTimeout, ConnectorError
+from connectors.relay import relaying
 from scopes.model import ScopeDefinition
 
 __all__ = ["BROKER_VERSION", "McpFront", "denial", "new_decision_id"]
@@ -91,6 +95,8 @@ BROKER_VERSION = "0.1.0"
 LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")
 LOOPBACK_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
 _NOTIFY_TIMEOUT = 5.0
+SSE_RETRY_MS = 1000
+"""The ``retry`` hint of each POST SSE stream's priming event (SEP-1699 polling)."""
 
 R = TypeVar("R")
 
@@ -189,11 +195,26 @@ class McpFront:
         self._sessions: dict[object, _LegacySession] = {}
         self._list_cache: dict[tuple[str, frozenset[str]], tuple[int, types.ListToolsResult]] = {}
         self._app: Starlette | None = None
-        self.server = _BrokerServer(
+        self.relays = FrontRelays(
+            registry=registry,
+            principal_lookup=lambda ctx: self.principal_lookup(ctx),
+            wide_connectors=self.mediator.wide_connectors,
+            output=self.mediator.output,
+            connection_key=_session_key,
+        )
+        with warnings.catch_warnings():
+            # logging/setLevel is deprecated (SEP-2577) but 2025-era agents still send it.
+            warnings.simplefilter("ignore", MCPDeprecationWarning)
+            self.server = self._build_server(version)
+        self.server.middleware.append(self._track_session)
+        registry.add_listener(self._on_registry_change)
+
+    def _build_server(self, version: str) -> _BrokerServer:
+        return _BrokerServer(
             "mcp-authz-broker",
             version=version,
             instructions="Tools are mediated by mcp-authz-broker: calls are checked and recorded.",
-            get_tool_input_schema=registry.input_schema,
+            get_tool_input_schema=self.registry.input_schema,
             on_list_tools=self._guard(self.list_tools),
             on_call_tool=self.call_tool,
             on_list_resources=self._guard(self.list_resources),
@@ -203,9 +224,10 @@ class McpFront:
             on_get_prompt=self._guard(self.get_prompt),
             on_completion=self._guard(self.complete),
             on_subscriptions_listen=ListenHandler(self.bus),
+            on_set_logging_level=self._guard(self.relays.set_level),
+            on_subscribe_resource=self._guard(self.relays.subscribe),
+            on_unsubscribe_resource=self._guard(self.relays.unsubscribe),
         )
-        self.server.middleware.append(self._track_session)
-        registry.add_listener(self._on_registry_change)
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -235,7 +257,11 @@ class McpFront:
             auth=auth,
             token_verifier=self.verifier,
             max_request_body_size=cfg.max_body_bytes,
+            # Priming ids and a retry hint on POST SSE streams; one bounded store per session.
+            event_store=BoundedEventStore(),
+            retry_interval=SSE_RETRY_MS,
         )
+        per_session_event_stores(self.server.session_manager)
         return self._app
 
     @property
@@ -265,7 +291,13 @@ class McpFront:
             decision_id = new_decision_id()
             logger.exception("identifying a tool call failed", extra={"decision_id": decision_id})
             return denial(decision_id, Reason.DECISION_ERROR)
-        result = await self.mediator.call_tool(call, params.name, params.arguments)
+        try:
+            relay = self.relays.call_relay(ctx, call.principal)
+        except Exception:
+            logger.exception("building the call relay failed")
+            relay = None
+        with relaying(relay):
+            result = await self.mediator.call_tool(call, params.name, params.arguments)
         return _for_era(result, ctx.protocol_version)
 
     def _call_context(self, ctx: ServerRequestContext[Any, Any]) -> CallContext:
@@ -339,7 +371,7 @@ class McpFront:
         uri = str(params.uri)
         route = self.registry.snapshot.resource_route(uri)
         if route is None or route.connector_id not in self._wide(ctx):
-            raise _not_found("Resource not found")
+            raise resource_not_found(uri)
         try:
             return await route.connector.read_resource(uri)
         except ConnectorError as exc:
@@ -476,6 +508,7 @@ class McpFront:
         sessions are sealed too.
         """
         closed = 0
+        self.relays.forget_agent(agent_id)
         for key, entry in list(self._sessions.items()):
             if entry.agent_id != agent_id:
                 continue
@@ -529,6 +562,12 @@ def _http_session_id(ctx: ServerRequestContext[Any, Any]) -> str | None:
         return None
     value = headers.get("mcp-session-id")
     return value if isinstance(value, str) else None
+
+
+def _session_key(ctx: ServerRequestContext[Any, Any]) -> object | None:
+    """The agent connection a request came on: its HTTP session, else its transport."""
+    http_id = _http_session_id(ctx)
+    return http_id if http_id is not None else _connection_key(ctx)
 
 
 def _connection_key(ctx: ServerRequestContext[Any, Any]) -> object | None:

@@ -32,8 +32,16 @@ from connectors.errors import (
     ConnectorError,
     DownstreamError,
 )
+from connectors.relay import InFlight, current_relay
 
-__all__ = ["CLIENT_INFO", "Link", "McpConnector", "call_deadline", "roots_result"]
+__all__ = [
+    "CLIENT_INFO",
+    "Link",
+    "McpConnector",
+    "ResourceListener",
+    "call_deadline",
+    "roots_result",
+]
 
 logger = logging.getLogger("connectors")
 
@@ -49,6 +57,12 @@ _STABLE_AFTER = 30.0
 
 _CLOSE_TIMEOUT = 10.0
 """Upper bound for the supervisor to tear a session down after `aclose()`."""
+
+_RESUBSCRIBE_TIMEOUT = 5.0
+"""Upper bound for renewing one resource subscription on a restarted session."""
+
+ResourceListener = Callable[[str], Awaitable[None]]
+"""Told the URI of each ``notifications/resources/updated`` the downstream sends."""
 
 _DEATH_NOTE_WAIT = 1.0
 """How long a failed call waits for the transport to say why it died (exit code) before raising."""
@@ -104,6 +118,9 @@ class McpConnector(ABC):
         self._state: State = "new"
         self._link: Link | None = None
         self._listeners: list[ChangeListener] = []
+        self._resource_listeners: list[ResourceListener] = []
+        self._subscribed: set[str] = set()
+        self._inflight = InFlight()
         self._capabilities = types.ServerCapabilities()
         self._gave_up: ConnectorBroken | None = None
         # anyio primitives need a running loop, so they are made in start().
@@ -144,6 +161,11 @@ class McpConnector(ABC):
             cache=None,
             client_info=CLIENT_INFO,
             message_handler=self._on_message,
+            logging_callback=self._on_log,
+            # Advertised so downstream servers may ask; each request is relayed only to the
+            # caller of the one tool call in flight (see `connectors.relay`), else refused.
+            sampling_callback=self._on_sampling,
+            elicitation_callback=self._on_elicitation,
             # Advertise roots only when the broker has some: a server started with its own
             # directories keeps them instead of being narrowed to nothing.
             list_roots_callback=list_roots if roots else None,
@@ -289,13 +311,84 @@ class McpConnector(ABC):
             if report is not None:
                 await report(progress, total, message)
 
-        return await self._request(
-            "tools/call",
-            lambda c: c.call_tool(
-                name, args, progress_callback=on_progress if report is not None else None
-            ),
-            timeout,
-        )
+        with self._inflight.call(current_relay.get()):
+            return await self._request(
+                "tools/call",
+                lambda c: c.call_tool(
+                    name, args, progress_callback=on_progress if report is not None else None
+                ),
+                timeout,
+            )
+
+    # -- resource subscriptions ---------------------------------------------------------------
+
+    def add_resource_listener(self, listener: ResourceListener) -> None:
+        """Be told of every ``notifications/resources/updated`` (the downstream's URI)."""
+        self._resource_listeners.append(listener)
+
+    async def subscribe_resource(self, uri: str) -> None:
+        """Subscribe downstream to ``uri``; renewed whenever the session is reopened.
+
+        Raises:
+            DownstreamError: the server refused (e.g. it does not support subscriptions).
+        """
+        await self._request("resources/subscribe", lambda c: c.subscribe_resource(uri), None)
+        self._subscribed.add(uri)
+
+    async def unsubscribe_resource(self, uri: str) -> None:
+        self._subscribed.discard(uri)
+        await self._request("resources/unsubscribe", lambda c: c.unsubscribe_resource(uri), None)
+
+    async def _resubscribe(self, link: Link) -> None:
+        for uri in sorted(self._subscribed):
+            with anyio.move_on_after(_RESUBSCRIBE_TIMEOUT):
+                try:
+                    await link.client.subscribe_resource(uri)
+                except Exception:
+                    logger.warning(
+                        "renewing a resource subscription failed", extra={"connector": self.id}
+                    )
+
+    # -- downstream traffic during a call -----------------------------------------------------
+
+    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+        relay = self._inflight.route()
+        if relay is None or relay.log is None:
+            return
+        try:
+            await relay.log(params)
+        except Exception:
+            logger.warning("relaying a log message failed", extra={"connector": self.id})
+
+    async def _on_sampling(
+        self, context: ClientRequestContext, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult | types.CreateMessageResultWithTools | types.ErrorData:
+        relay = self._inflight.route()
+        if relay is None or relay.sampling is None:
+            return _refused("sampling")
+        try:
+            # The agent answers within the longest a call may run, or the server hears no.
+            with anyio.move_on_after(self._spec.max_call_timeout):
+                return await relay.sampling(params)
+            return _refused("sampling")
+        except Exception:
+            logger.warning("relaying a sampling request failed", extra={"connector": self.id})
+            return _refused("sampling")
+
+    async def _on_elicitation(
+        self, context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult | types.ErrorData:
+        relay = self._inflight.route()
+        if relay is None or relay.elicitation is None:
+            return _refused("elicitation")
+        try:
+            # The agent answers within the longest a call may run, or the server hears no.
+            with anyio.move_on_after(self._spec.max_call_timeout):
+                return await relay.elicitation(params)
+            return _refused("elicitation")
+        except Exception:
+            logger.warning("relaying an elicitation request failed", extra={"connector": self.id})
+            return _refused("elicitation")
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -401,6 +494,7 @@ class McpConnector(ABC):
                             self._wake()
                             if opened_once:
                                 logger.info("connector restarted", extra={"connector": self.id})
+                                await self._resubscribe(link)
                                 await self._notify(ChangeKind.RESTARTED)
                             else:
                                 opened_once = True
@@ -471,6 +565,13 @@ class McpConnector(ABC):
             kind = ChangeKind.PROMPTS
         if kind is not None:
             await self._notify(kind)
+        elif isinstance(message, types.ResourceUpdatedNotification):
+            uri = str(message.params.uri)
+            for listener in list(self._resource_listeners):
+                try:
+                    await listener(uri)
+                except Exception:
+                    logger.exception("resource listener failed", extra={"connector": self.id})
 
     async def _notify(self, kind: ChangeKind) -> None:
         for listener in list(self._listeners):
@@ -480,6 +581,13 @@ class McpConnector(ABC):
                 logger.exception(
                     "change listener failed", extra={"connector": self.id, "change": str(kind)}
                 )
+
+
+def _refused(what: str) -> types.ErrorData:
+    return types.ErrorData(
+        code=types.INVALID_REQUEST,
+        message=f"{what} is not available: no caller of this server can answer it now",
+    )
 
 
 async def _wait_any(*events: anyio.Event) -> None:

@@ -375,7 +375,11 @@ async def test_resources_prompts_and_completion_need_an_unconstrained_connector_
             await client.read_resource("test://static-text")
         with pytest.raises(MCPError) as unknown:
             await client.read_resource("test://no-such-thing")
-        assert forbidden.value.error == unknown.value.error
+        # Alike but for the URI each names (SEP-2164's data.uri echoes what was asked).
+        assert forbidden.value.error.code == unknown.value.error.code
+        assert forbidden.value.error.message == unknown.value.error.message
+        assert forbidden.value.error.data == {"uri": "test://static-text"}
+        assert unknown.value.error.data == {"uri": "test://no-such-thing"}
         with pytest.raises(MCPError):
             await client.get_prompt("conf__test_simple_prompt")
         done = await client.complete(

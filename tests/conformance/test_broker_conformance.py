@@ -71,9 +71,18 @@ SHARED_PASSING = (
 BASELINE: dict[str, tuple[str, ...]] = {
     "2025-11-25": (
         *SHARED_PASSING,
+        "elicitation-sep1034-defaults",
+        "elicitation-sep1330-enums",
+        "logging-set-level",
         "ping",
+        "resources-subscribe",
+        "resources-unsubscribe",
         "server-initialize",
         "server-session-lifecycle",
+        "server-sse-polling",
+        "tools-call-elicitation",
+        "tools-call-sampling",
+        "tools-call-with-logging",
     ),
     "2026-07-28": (
         *SHARED_PASSING,
@@ -88,29 +97,14 @@ BASELINE: dict[str, tuple[str, ...]] = {
     ),
 }
 
-_NO_BACK_CHANNEL = (
-    "server-to-client requests are not relayed: the broker is the fixture's MCP client and "
-    "does not forward its {what} requests to the agent"
-)
 _INPUT_REQUIRED = (
-    "the front does not relay InputRequiredResult (SEP-2322 multi-round trips) from a "
-    "connector; its input requests would need mediation before reaching the agent"
+    "the front does not relay InputRequiredResult (SEP-2322 multi-round trips): connectors "
+    "speak the 2025 handshake era to their servers (connectors/__init__), so the fixture never "
+    "answers them with InputRequiredResult, and the SDK Client would drive the rounds itself; "
+    "relaying needs a 2026-era connector session and requestState passed through untouched"
 )
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {
-    "2025-11-25": {
-        "elicitation-sep1034-defaults": _NO_BACK_CHANNEL.format(what="elicitation"),
-        "elicitation-sep1330-enums": _NO_BACK_CHANNEL.format(what="elicitation"),
-        "tools-call-elicitation": _NO_BACK_CHANNEL.format(what="elicitation"),
-        "tools-call-sampling": _NO_BACK_CHANNEL.format(what="sampling"),
-        "logging-set-level": "the front has no logging/setLevel handler (protocol logging is "
-        "deprecated by SEP-2577): Method not found",
-        "tools-call-with-logging": "the suite first sets a log level (Method not found), and "
-        "connectors' log notifications are not relayed to the agent",
-        "resources-subscribe": "the front has no resources/subscribe handler (not mediated yet)",
-        "resources-unsubscribe": "the front has no resources/unsubscribe handler",
-        "server-sse-polling": "the front's streamable HTTP app has no event store, so POST SSE "
-        "streams carry no priming event id or retry field (only WARNING checks, no SUCCESS)",
-    },
+    "2025-11-25": {},
     "2026-07-28": {
         "input-required-result-basic-elicitation": _INPUT_REQUIRED,
         "input-required-result-basic-list-roots": _INPUT_REQUIRED,
@@ -125,7 +119,8 @@ EXPECTED_FAILURES: dict[str, dict[str, str]] = {
         "InputRequiredResult by the connector becomes upstream-unavailable (-32603)",
         "server-stateless": "test_missing_capability must be refused with -32021 when the "
         "client lacks sampling, but capabilities are per hop: the fixture sees the broker's "
-        "connector client, not the agent's declared capabilities",
+        "connector client (which declares sampling so that 2025-era calls can relay it), not "
+        "the agent's declared capabilities",
     },
 }
 
