@@ -190,13 +190,18 @@ class AgentResponder:
             StoreError: the status could not be stored (it still holds in this process).
         """
         self.revocations.apply_status(agent_id, AgentStatus.QUARANTINED, at)
-        self._spawn(self._cut, agent_id)
-        await self.store.set_agent_status(
-            agent_id, AgentStatus.QUARANTINED, reason=reason, actor=ACTOR, at=at
-        )
+        try:
+            # Shielded: cutting the agent off may cancel the very request that triggered this.
+            with anyio.CancelScope(shield=True):
+                await self.store.set_agent_status(
+                    agent_id, AgentStatus.QUARANTINED, reason=reason, actor=ACTOR, at=at
+                )
+        finally:
+            self._spawn(self._cut, agent_id)
 
     async def _revoke(self, kind: RevocationKind, subject: str, reason: str, at: datetime) -> None:
-        revocation = await self.store.revoke(kind, subject, reason=reason, actor=ACTOR, at=at)
+        with anyio.CancelScope(shield=True):
+            revocation = await self.store.revoke(kind, subject, reason=reason, actor=ACTOR, at=at)
         self.revocations.apply_local(revocation)
 
     async def _cut(self, agent_id: str) -> None:
