@@ -202,7 +202,7 @@ class AgentResponder:
     async def _revoke(self, kind: RevocationKind, subject: str, reason: str, at: datetime) -> None:
         with anyio.CancelScope(shield=True):
             revocation = await self.store.revoke(kind, subject, reason=reason, actor=ACTOR, at=at)
-        self.revocations.apply_local(revocation)
+            self.revocations.apply_local(revocation)
 
     async def _cut(self, agent_id: str) -> None:
         if self._cut_off is None:
