@@ -334,3 +334,51 @@ async def test_event_store_replays_one_stream_after_an_id_and_stays_bounded() ->
     assert store.count == 4
     assert await store.replay_events_after(first, send) is None  # dropped, not replayed
     assert len(prime) >= 20  # unguessable ids
+
+
+async def test_each_http_session_gets_its_own_event_store(conf: Conf) -> None:
+    conf.front.asgi_app()
+    manager: Any = conf.front.session_manager
+    assert manager.event_store is not None  # so the SDK primes and replays at all
+    first = manager._admit_session(None)
+    second = manager._admit_session(None)
+    try:
+        assert isinstance(first._event_store, BoundedEventStore)
+        assert first._event_store is not second._event_store
+        assert first._event_store is not manager.event_store
+    finally:
+        manager._server_instances.clear()
+
+
+async def test_url_mode_elicitation_is_never_relayed(conf: Conf) -> None:
+    asked: list[object] = []
+
+    async def elicit(
+        context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        asked.append(params)
+        return types.ElicitResult(action="accept")
+
+    relays: list[CallRelay | None] = []
+    front = conf.front
+    original = front.relays.call_relay
+
+    def capture(ctx: Any, who: Any) -> CallRelay | None:
+        relay = original(ctx, who)
+        relays.append(relay)
+        return relay
+
+    front.relays.call_relay = capture  # type: ignore[method-assign]
+    async with Client(front.server, mode="legacy", elicitation_callback=elicit) as client:  # pyright: ignore[reportArgumentType]
+        await client.call_tool("test_simple_text", {})
+    relay = relays[0]
+    assert relay is not None
+    assert relay.elicitation is not None
+    # The call is over: the request channel is closed, but the refusal comes before any send.
+    answer = await relay.elicitation(
+        types.ElicitRequestURLParams(
+            message="log in here", url="https://example.com/login", elicitation_id="e1"
+        )
+    )
+    assert isinstance(answer, types.ErrorData)
+    assert asked == []
