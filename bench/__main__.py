@@ -23,7 +23,6 @@ from bench.harness import (
     Series,
     broker_endpoint,
     direct_endpoint,
-    interim_broker_endpoint,
     run_bench,
 )
 
@@ -75,17 +74,13 @@ def _print_table(config: BenchConfig, series: list[Series], ratios: list[dict[st
         )
 
 
-async def _run(target: str, broker_impl: str, config: BenchConfig) -> list[Series]:
+async def _run(target: str, config: BenchConfig) -> list[Series]:
     async with AsyncExitStack() as stack:
         endpoints = []
         if target in ("both", "direct"):
             endpoints.append(await stack.enter_async_context(direct_endpoint()))
         if target in ("both", "broker"):
-            broker = (
-                broker_endpoint(config.protocol)
-                if broker_impl == "serve"
-                else interim_broker_endpoint()
-            )
+            broker = broker_endpoint(config.protocol)
             endpoints.append(await stack.enter_async_context(broker))
         return await run_bench(endpoints, config)
 
@@ -99,12 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         "--calls", type=int, default=500, help="timed calls per target, round, concurrency"
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--broker-impl",
-        choices=("serve", "interim"),
-        default="serve",
-        help="serve: `broker serve` from a fresh broker.toml; interim: bench.interim_broker",
-    )
     parser.add_argument("--protocol", choices=("2025", "2026"), default="2026")
     parser.add_argument("--concurrency", type=int, action="append", help="default: 1 and 16")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per client at start")
@@ -118,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=options.protocol,
         warmup=options.warmup,
     )
-    series = anyio.run(_run, options.target, options.broker_impl, config)
+    series = anyio.run(_run, options.target, config)
     ratios = _ratios(series)
     if options.json:
         document = {

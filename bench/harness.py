@@ -37,7 +37,6 @@ __all__ = [
     "Series",
     "broker_endpoint",
     "direct_endpoint",
-    "interim_broker_endpoint",
     "run_bench",
 ]
 
@@ -287,19 +286,6 @@ async def broker_endpoint(protocol: str) -> AsyncIterator[Endpoint]:
             yield endpoint
         finally:
             await _stop(process)
-
-
-@asynccontextmanager
-async def interim_broker_endpoint() -> AsyncIterator[Endpoint]:
-    """`bench.interim_broker` in a child process (see its docstring), fronting the echo server."""
-    command = [sys.executable, "-m", "bench.interim_broker"]
-    process = await anyio.open_process(command, cwd=REPO, stderr=None)
-    try:
-        with anyio.fail_after(30):
-            url, _, token = (await _read_listening_url(process)).partition(" token ")
-        yield Endpoint("broker", url, token)
-    finally:
-        await _stop(process)
 
 
 @asynccontextmanager
