@@ -1,4 +1,4 @@
-"""Alerts of automatic responses: a real loopback webhook receives them, retried, off the call path."""
+"""Alerts of automatic responses: a loopback webhook receives them, retried, off the call path."""
 
 from __future__ import annotations
 

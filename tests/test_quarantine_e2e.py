@@ -83,6 +83,7 @@ async def detector_broker(
     scopes_toml: str = SLOW_SCOPES,
     detectors: Mapping[str, Any] | None = None,
     alerts: AlertsConfig | None = None,
+    clock: Any = None,
 ) -> AsyncIterator[ServedBroker]:
     """A broker from `create_app` with the given detector and alert settings, served on loopback."""
     scope_file = tmp_path / "scopes.toml"
@@ -101,7 +102,7 @@ async def detector_broker(
         )
         from broker.app import create_app
 
-        app = create_app(config, environ={"PATH": os.environ.get("PATH", "")})
+        app = create_app(config, clock=clock, environ={"PATH": os.environ.get("PATH", "")})
         async with app.router.lifespan_context(app):
             broker = ServedBroker(url, app, app.state.services)
             await broker.approve_all()
