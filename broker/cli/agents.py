@@ -5,7 +5,6 @@ Thin over `broker.agents` and the store. A client secret is printed once and nev
 
 from __future__ import annotations
 
-import getpass
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,16 +16,18 @@ from rich.table import Column, Table
 from broker.cli._common import (
     ConfigOption,
     JsonOption,
+    cli_actor,
     console,
     emit_json,
     fail,
     load,
     open_store,
+    parse_duration,
     run,
 )
 from broker.core.identity import Agent, AgentStatus
 
-__all__ = ["agent_json", "app", "cli_actor", "parse_duration"]
+__all__ = ["agent_json", "app"]
 
 app = typer.Typer(
     name="agents",
@@ -35,29 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-_DURATION_RE = re.compile(r"^(\d{1,6})([smh]?)$")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> int:
-    """Seconds from ``90s``, ``10m``, ``1h`` or a bare number of seconds.
-
-    Raises:
-        typer.BadParameter: anything else.
-    """
-    match = _DURATION_RE.match(text.strip().lower())
-    if match is None:
-        raise typer.BadParameter(f"{text!r}: expected a duration such as 90s, 10m or 1h")
-    return int(match.group(1)) * _UNIT[match.group(2)]
-
-
-def cli_actor() -> str:
-    """Who acts from this shell, for the audit trail (``cli:<login>``)."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli:unknown"
 
 
 def agent_json(agent: Agent) -> dict[str, Any]:

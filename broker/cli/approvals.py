@@ -24,6 +24,7 @@ from broker.approvals import approval_json
 from broker.cli._common import (
     ConfigOption,
     JsonOption,
+    cli_actor,
     console,
     emit_json,
     fail,
@@ -31,7 +32,6 @@ from broker.cli._common import (
     open_store,
     run,
 )
-from broker.cli.agents import cli_actor
 from broker.core.approvals import (
     Approval,
     ApprovalKind,

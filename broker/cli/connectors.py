@@ -30,6 +30,7 @@ from rich.text import Text
 from broker.cli._common import (
     ConfigOption,
     JsonOption,
+    cli_actor,
     console,
     emit_json,
     fail,
@@ -37,7 +38,6 @@ from broker.cli._common import (
     open_store,
     run,
 )
-from broker.cli.agents import cli_actor
 from broker.config import BrokerConfig, ConnectorConfig
 from broker.core.pinning import PinStatus, ToolPin
 from broker.errors import ConfigError, NotFound

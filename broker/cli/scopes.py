@@ -22,7 +22,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from broker.cli._common import ConfigOption, JsonOption, console, emit_json, fail, load, run
+from broker.cli._common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    emit_json,
+    fail,
+    load,
+    open_token_parts,
+    run,
+)
 from broker.config import BrokerConfig
 from broker.core.decision import Reason
 from broker.core.pinning import PinStatus
@@ -160,23 +169,13 @@ async def _explain(
     arguments: dict[str, Any],
     definitions: Mapping[str, ScopeDefinition],
 ) -> dict[str, Any]:
-    from broker.cli._common import open_store
     from broker.core.tokens import TokenRejected
-    from broker.keys import KeyRing
-    from broker.ports import SystemClock
     from broker.registry import connector_configs
-    from broker.revocations import RevocationCache
-    from broker.verifier import BrokerTokenVerifier
 
-    clock = SystemClock()
-    async with open_store(cfg) as store:
-        keyring = await KeyRing.load(
-            store, cfg.tokens.keys_dir, max_ttl=cfg.tokens.max_ttl, leeway=cfg.tokens.leeway
-        )
-        revocations = RevocationCache(store, clock, staleness=cfg.store.revocation_staleness)
-        verifier = BrokerTokenVerifier.from_config(cfg, keyring, revocations, clock, store)
+    async with open_token_parts(cfg) as parts:
+        store, clock, revocations = parts.store, parts.clock, parts.revocations
         try:
-            claims = verifier.verify_claims(raw)
+            claims = parts.verifier.verify_claims(raw)
         except TokenRejected as exc:
             fail(f"the token is refused: {exc.reason}")
         await revocations.refresh()

@@ -21,14 +21,16 @@ from rich.table import Table
 from broker.cli._common import (
     ConfigOption,
     JsonOption,
+    cli_actor,
     console,
     emit_json,
     fail,
     load,
     open_store,
+    open_token_parts,
+    parse_duration,
     run,
 )
-from broker.cli.agents import cli_actor, parse_duration
 from broker.config import BrokerConfig
 from broker.core.revocation import Revocation
 
@@ -60,21 +62,23 @@ class _Parts:
 
 @asynccontextmanager
 async def _services(cfg: BrokerConfig) -> AsyncIterator[_Parts]:
-    from broker.keys import KeyRing
-    from broker.ports import SystemClock
-    from broker.revocations import RevocationCache
     from broker.token_service import TokenService
-    from broker.verifier import BrokerTokenVerifier
 
-    clock = SystemClock()
-    async with open_store(cfg) as store:
-        keyring = await KeyRing.load(
-            store, cfg.tokens.keys_dir, max_ttl=cfg.tokens.max_ttl, leeway=cfg.tokens.leeway
+    async with open_token_parts(cfg) as parts:
+        service = TokenService(
+            parts.store,
+            parts.keyring,
+            parts.revocations,
+            cfg,
+            parts.clock,
+            verifier=parts.verifier,
         )
-        revocations = RevocationCache(store, clock, staleness=cfg.store.revocation_staleness)
-        verifier = BrokerTokenVerifier.from_config(cfg, keyring, revocations, clock, store)
-        service = TokenService(store, keyring, revocations, cfg, clock, verifier=verifier)
-        yield _Parts(store=store, service=service, verifier=verifier, revocations=revocations)
+        yield _Parts(
+            store=parts.store,
+            service=service,
+            verifier=parts.verifier,
+            revocations=parts.revocations,
+        )
 
 
 @app.command("mint")

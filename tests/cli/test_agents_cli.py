@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from broker.agents import verify_secret
 from broker.cli import agents as agents_cli
-from broker.cli.agents import parse_duration
+from broker.cli._common import parse_duration
 from broker.store.testing import migrated_store, sqlite_url
 
 
