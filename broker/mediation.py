@@ -1087,7 +1087,8 @@ def token_policy(
     """A token's policy: its scopes (in token order) resolved to definitions, plus narrowing.
 
     Scope names the broker does not define grant nothing. ``authorization_details`` None means
-    no narrowing.
+    no narrowing. ``data_flow`` entries declare flows for the detectors (`_Token.declared`) and
+    narrow nothing; every other entry must parse as ``tool_call``.
 
     Raises:
         ScopeError: the authorization details cannot be parsed (the token reaches nothing).
@@ -1097,7 +1098,12 @@ def token_policy(
     if authorization_details is not None:
         if not isinstance(authorization_details, list | tuple):
             raise TypeError("authorization_details must be an array")
-        narrowing = parse_authorization_details(list(authorization_details))  # pyright: ignore[reportUnknownArgumentType]
+        tool_calls = [
+            d
+            for d in authorization_details  # pyright: ignore[reportUnknownVariableType]
+            if not (isinstance(d, Mapping) and d.get("type") == "data_flow")  # pyright: ignore[reportUnknownMemberType]
+        ]
+        narrowing = parse_authorization_details(tool_calls)
     return TokenPolicy(resolved, narrowing)
 
 

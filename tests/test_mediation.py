@@ -735,3 +735,18 @@ async def test_every_mediated_call_is_observed_by_the_metrics(broker: Broker) ->
     assert metrics.calls.get("allowed") == 1
     assert metrics.calls.get("denied") == 1
     assert metrics.reasons.get("denied", "scope-missing") == 1
+
+
+def test_a_token_declaring_a_data_flow_is_narrowed_only_by_its_tool_call_details() -> None:
+    """`data_flow` details (issued by the token service) declare flows and narrow nothing."""
+    from broker.mediation import token_policy
+    from scopes import ScopeError
+
+    flow = {"type": "data_flow", "allow": ["private->egress"]}
+    call = {"type": "tool_call", "connector": "web", "tools": ["fetch"]}
+    assert token_policy([], [flow], {}).narrowing_for("web", "fetch") is None
+    narrowed = token_policy([], [flow, call], {})
+    assert narrowed.narrowing_for("web", "fetch")
+    assert narrowed.narrowing_for("files", "read_text_file") == ()
+    with pytest.raises(ScopeError):
+        token_policy([], [flow, {"type": "other"}], {})
