@@ -63,6 +63,13 @@ from broker.core.recording import (
 from broker.core.revocation import IssuedToken, Revocation
 from broker.errors import AdminAuthFailed, NotFound, StoreError, StoreUnavailable
 from broker.ports import role_allows
+from broker.session_queries import (
+    EVENT_BATCH,
+    all_events,
+    event_json,
+    report_json,
+)
+from broker.session_queries import session_json as recorded_session_json
 from broker.store.errors import Conflict
 
 __all__ = [
@@ -100,7 +107,6 @@ SCAN_LIMIT = 500
 """Sessions (or events) one filtered page may examine before it answers with a cursor."""
 MAX_LIMIT = 500
 _AUDIT_ATTEMPTS = 12
-_EVENT_BATCH = 1000
 _FLAG_RE = re.compile(r"[a-z0-9][a-z0-9:_.-]{0,63}")
 _NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -152,46 +158,8 @@ def agent_json(agent: Agent) -> dict[str, Any]:
 
 
 def session_json(session: SessionRecord) -> dict[str, Any]:
-    return {
-        "id": session.id,
-        "agent_id": session.agent_id,
-        "token_jti": session.token_jti,
-        "task_id": session.task_id,
-        "started_at": _ts(session.started_at),
-        "ended_at": _ts(session.ended_at),
-        "sealed": session.head_hash is not None,
-        "head_hash": session.head_hash,
-        "event_count": session.event_count,
-        "flags": list(session.flags),
-        "protocol_version": session.protocol_version,
-        "transport": session.transport,
-        "client_info": dict(session.client_info),
-    }
-
-
-def event_json(event: RecordedEvent) -> dict[str, Any]:
-    return {
-        "session_id": event.session_id,
-        "seq": event.seq,
-        "at": _ts(event.at),
-        "kind": event.kind,
-        "decision_id": event.decision_id,
-        "payload": dict(event.payload),
-        "prev_hash": event.prev_hash,
-        "hash": event.hash,
-    }
-
-
-def report_json(report: ChainReport) -> dict[str, Any]:
-    return {
-        "session_id": report.session_id,
-        "ok": report.ok,
-        "checked": report.checked,
-        "head_hash": report.head_hash,
-        "first_bad_seq": report.first_bad_seq,
-        "problem": None if report.problem is None else report.problem.value,
-        "detail": report.detail,
-    }
+    """A session as the admin API shows it: the shared view plus whether it is sealed."""
+    return {**recorded_session_json(session), "sealed": session.head_hash is not None}
 
 
 def _render_definition(definition: Mapping[str, Any]) -> str:
@@ -325,12 +293,12 @@ async def _has_decision(store: Any, session_id: str, allowed: bool) -> bool:
     after = 0
     while True:
         batch: Sequence[RecordedEvent] = await store.session_events(
-            session_id, after_seq=after, limit=_EVENT_BATCH
+            session_id, after_seq=after, limit=EVENT_BATCH
         )
         for event in batch:
             if event.kind == EventKind.DECISION and bool(event.payload.get("allowed")) is allowed:
                 return True
-        if len(batch) < _EVENT_BATCH:
+        if len(batch) < EVENT_BATCH:
             return False
         after = batch[-1].seq
 
@@ -381,19 +349,6 @@ async def page_sessions(
     if at is None:
         return out, None
     return out, _encode_cursor(at, skip)
-
-
-async def all_events(store: Any, session_id: str) -> list[RecordedEvent]:
-    """Every event of a session in order (read in batches)."""
-    events: list[RecordedEvent] = []
-    while True:
-        after = events[-1].seq if events else 0
-        batch: Sequence[RecordedEvent] = await store.session_events(
-            session_id, after_seq=after, limit=_EVENT_BATCH
-        )
-        events.extend(batch)
-        if len(batch) < _EVENT_BATCH:
-            return events
 
 
 async def verify_session(store: Any, session_id: str) -> ChainReport:
@@ -1069,7 +1024,7 @@ async def session_events(ctx: Ctx) -> Response:
     if decision is not None:
         kind = EventKind.DECISION.value
     filtering = kind is not None
-    batch_size = _EVENT_BATCH if filtering else limit
+    batch_size = EVENT_BATCH if filtering else limit
     out: list[RecordedEvent] = []
     last = after
     examined = 0

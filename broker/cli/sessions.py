@@ -30,6 +30,7 @@ from broker.core.recording import (
     format_timestamp,
     verify_chain,
 )
+from broker.session_queries import all_events, event_json, report_json, session_json
 
 __all__ = [
     "app",
@@ -96,60 +97,6 @@ def _plain(value: object) -> Text:
     return Text(_visible(value if isinstance(value, str) else json.dumps(value, default=str)))
 
 
-def session_json(session: SessionRecord) -> dict[str, Any]:
-    return {
-        "id": session.id,
-        "agent_id": session.agent_id,
-        "token_jti": session.token_jti,
-        "task_id": session.task_id,
-        "started_at": format_timestamp(session.started_at),
-        "ended_at": None if session.ended_at is None else format_timestamp(session.ended_at),
-        "protocol_version": session.protocol_version,
-        "transport": session.transport,
-        "client_info": dict(session.client_info),
-        "event_count": session.event_count,
-        "head_hash": session.head_hash,
-        "flags": list(session.flags),
-    }
-
-
-def event_json(event: RecordedEvent) -> dict[str, Any]:
-    return {
-        "session_id": event.session_id,
-        "seq": event.seq,
-        "at": format_timestamp(event.at),
-        "kind": event.kind,
-        "decision_id": event.decision_id,
-        "payload": dict(event.payload),
-        "prev_hash": event.prev_hash,
-        "hash": event.hash,
-    }
-
-
-def report_json(report: ChainReport) -> dict[str, Any]:
-    return {
-        "session_id": report.session_id,
-        "ok": report.ok,
-        "checked": report.checked,
-        "head_hash": report.head_hash,
-        "first_bad_seq": report.first_bad_seq,
-        "problem": None if report.problem is None else report.problem.value,
-        "detail": report.detail,
-    }
-
-
-async def _all_events(store: Any, session_id: str) -> list[RecordedEvent]:
-    events: list[RecordedEvent] = []
-    while True:
-        after = events[-1].seq if events else 0
-        page: Sequence[RecordedEvent] = await store.session_events(
-            session_id, after_seq=after, limit=PAGE
-        )
-        events.extend(page)
-        if len(page) < PAGE:
-            return events
-
-
 async def _sessions(store: Any, **filters: Any) -> list[SessionRecord]:
     """Every session matching ``filters``, newest first, read page by page."""
     found: list[SessionRecord] = []
@@ -203,7 +150,7 @@ async def list_sessions(
         )
         offset += len(page)
         for session in page:
-            allowed, denied = _decisions(await _all_events(store, session.id))
+            allowed, denied = _decisions(await all_events(store, session.id, batch_size=PAGE))
             if decision == DecisionFilter.DENIED and not denied:
                 continue
             if decision == DecisionFilter.ALLOWED and not allowed:
@@ -327,7 +274,7 @@ def _clip(text: str, n: int = 120) -> str:
 async def show_session(store: Any, session_id: str) -> dict[str, Any]:
     """The session, its events and its chain report."""
     session = await store.get_session(session_id)
-    events = await _all_events(store, session_id)
+    events = await all_events(store, session_id, batch_size=PAGE)
     return {
         "session": session_json(session),
         "chain": report_json(verify_chain(session, events)),
@@ -404,7 +351,7 @@ async def verify_sessions(store: Any, session_id: str | None, *, every: bool) ->
     sessions = [await store.get_session(session_id)] if session_id else []
     if every:
         sessions = await _sessions(store)
-    return [verify_chain(s, await _all_events(store, s.id)) for s in sessions]
+    return [verify_chain(s, await all_events(store, s.id, batch_size=PAGE)) for s in sessions]
 
 
 @app.command("verify")
@@ -528,7 +475,7 @@ async def export_events(
     sessions = [await store.get_session(session_id)] if session_id else await _sessions(store)
     out: list[dict[str, Any]] = []
     for session in reversed(sessions) if not session_id else sessions:
-        for e in await _all_events(store, session.id):
+        for e in await all_events(store, session.id, batch_size=PAGE):
             if fmt == ExportFormat.OCSF:
                 out.append(ocsf_event(session, e))
             else:
