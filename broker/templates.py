@@ -65,4 +65,21 @@ description = "The broker's built-in demo tools"
 [[scope.grant]]
 connector = "demo"
 tools = ["*"]
+
+# Narrow scopes for the example agents (`make demo`): a task asks only for what it needs.
+[[scope]]
+name = "demo:echo"
+description = "Only the demo echo tool, with short texts"
+[[scope.grant]]
+connector = "demo"
+tools = ["echo"]
+args = { text = { max_length = 64 } }
+
+[[scope]]
+name = "demo:math"
+description = "Only the demo add tool, with small operands"
+[[scope.grant]]
+connector = "demo"
+tools = ["add"]
+args = { a = { range = { min = 0, max = 1000 } }, b = { range = { min = 0, max = 1000 } } }
 """
