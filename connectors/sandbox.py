@@ -287,6 +287,10 @@ def plan_sandbox(
     mounts += [
         _mount(p, p, False, "runtime path") for p in _absolute(box.runtime_paths, "runtime_paths")
     ]
+    if spec.cwd is not None and not any(_within(spec.cwd, m.target) for m in mounts):
+        # The working directory the operator gave the connector is part of its runtime:
+        # read-only, and refused below like any mount if it holds the broker's own files.
+        mounts.append(_mount(spec.cwd, spec.cwd, False, "working directory"))
     if box.egress is not None:
         mounts.append(Mount(_RELAY_SOURCE, _RELAY_INSIDE, False, "egress relay"))
         mounts.append(

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,22 @@ def test_a_mount_overlapping_the_brokers_own_files_is_refused(
         spec = probe_spec(probe, read_paths=(str(exposing),), deny_paths=(str(broker_secret),))
         with pytest.raises(ConnectorConfigError, match="overlaps the broker's own file"):
             plan_sandbox(spec, {}, support=support)
+
+
+def test_the_connectors_working_directory_is_mounted_read_only_unless_it_holds_broker_files(
+    support: SandboxSupport, probe: Path, tmp_path: Path, broker_secret: Path
+) -> None:
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    spec = replace(probe_spec(probe), cwd=str(workdir))
+    plan = plan_sandbox(spec, {}, support=support)
+    (mount,) = [m for m in plan.mounts if m.target == str(workdir)]
+    assert not mount.writable
+    exposing = replace(
+        probe_spec(probe, deny_paths=(str(broker_secret),)), cwd=str(broker_secret.parent)
+    )
+    with pytest.raises(ConnectorConfigError, match="overlaps the broker's own file"):
+        plan_sandbox(exposing, {}, support=support)
 
 
 def test_relative_or_missing_sandbox_paths_are_refused(
