@@ -626,7 +626,7 @@ tools = ["echo"]
 async def test_the_token_endpoint_answers_pending_then_token_or_access_denied(
     tmp_path: Path, decision: str
 ) -> None:
-    from tests.test_examples import served_broker
+    from broker.testing import served_broker
 
     async with served_broker(tmp_path, scopes_toml=TOKEN_SCOPES) as broker:
         agent, secret = await broker.add_agent("deployer", ["demo:use", "deploy:prod"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import anyio
 
-from tests.test_examples import DEMO, served_broker
+from broker.testing import DEMO, served_broker
 
 REPO = Path(__file__).resolve().parent.parent
 AGENTS = REPO / "examples" / "agents"

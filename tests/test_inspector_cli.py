@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.test_examples import REPO, served_broker
+from broker.testing import served_broker
+from tests.test_examples import REPO
 
 pytestmark = pytest.mark.servers
 

@@ -40,7 +40,6 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.agents import CLIENT_ASSERTION_TYPE, register_agent
 from broker.config import BrokerConfig, ServerConfig, StoreConfig, TokenConfig
@@ -51,7 +50,7 @@ from broker.ports import Clock, SystemClock
 from broker.revocations import RevocationCache
 from broker.store import SqlStore
 from broker.store.testing import migrated_store, sqlite_url
-from broker.testing import serve_app
+from broker.testing import LateApp, serve_app
 from broker.token_service import ACCESS_TOKEN_TYPE, TokenService
 from broker.verifier import BrokerTokenVerifier
 
@@ -74,26 +73,6 @@ class MemoryStorage(TokenStorage):
 
     async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
         self.client = client_info
-
-
-class _LateApp:
-    """Answers the server's lifespan itself and forwards requests to ``app`` once it is set."""
-
-    def __init__(self) -> None:
-        self.app: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if self.app is None:  # pragma: no cover - requests come only after the app is set
-            raise RuntimeError("app not ready")
-        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -244,7 +223,7 @@ async def running_broker(
     """A served broker; ``real_app`` serves ``broker.app.create_app`` instead of the stand-in
     (whose MCP endpoint has a ``whoami`` tool the real front does not)."""
     clock = clock or SystemClock()
-    late = _LateApp()
+    late = LateApp()
     async with serve_app(late) as url, AsyncExitStack() as stack:
         config = BrokerConfig(
             server=ServerConfig(public_url=url),

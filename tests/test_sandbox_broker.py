@@ -22,9 +22,9 @@ from broker.config import ConnectorConfig, EgressConfig
 from broker.core.recording import EventKind
 from broker.sandboxing import connector_session_id
 from broker.store.testing import migrated_store
+from broker.testing import ServedBroker, served_broker
 from connectors import PROVENANCE_PIN_NAME, StdioConnector, probe_sandbox
 from tests.cli.test_connectors_cli import invoke
-from tests.test_examples import ServedBroker, served_broker
 
 pytestmark = pytest.mark.skipif(
     not probe_sandbox().available, reason=f"no sandbox here: {probe_sandbox().reason}"

@@ -33,8 +33,9 @@ from broker.stdio_shim import (
     TokenClient,
     relay,
 )
+from broker.testing import served_broker
 from connectors import ToolSet
-from tests.test_examples import REPO, VENV_BIN, served_broker
+from tests.test_examples import REPO, VENV_BIN
 
 ERAS = ["legacy", "2026-07-28"]
 FIXTURE = ConnectorConfig(
