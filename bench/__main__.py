@@ -74,13 +74,13 @@ def _print_table(config: BenchConfig, series: list[Series], ratios: list[dict[st
         )
 
 
-async def _run(target: str, config: BenchConfig) -> list[Series]:
+async def _run(target: str, config: BenchConfig, sandbox: str) -> list[Series]:
     async with AsyncExitStack() as stack:
         endpoints = []
         if target in ("both", "direct"):
             endpoints.append(await stack.enter_async_context(direct_endpoint()))
         if target in ("both", "broker"):
-            broker = broker_endpoint(config.protocol)
+            broker = broker_endpoint(config.protocol, sandbox)
             endpoints.append(await stack.enter_async_context(broker))
         return await run_bench(endpoints, config)
 
@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per client at start")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
     parser.add_argument("--check", action="store_true", help="exit 1 if the broker misses a target")
+    parser.add_argument(
+        "--sandbox",
+        choices=("auto", "required", "off"),
+        default="auto",
+        help="the echo connector's sandbox mode behind the broker",
+    )
     options = parser.parse_args(argv)
     config = BenchConfig(
         calls=options.calls,
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=options.protocol,
         warmup=options.warmup,
     )
-    series = anyio.run(_run, options.target, config)
+    series = anyio.run(_run, options.target, config, options.sandbox)
     ratios = _ratios(series)
     if options.json:
         document = {

@@ -156,6 +156,11 @@ agent_max_concurrent = 0
 connector_calls_per_minute = 0
 connector_max_concurrent = 0
 
+# The detectors run and record, but never block: hundreds of identical calls a minute from a
+# new agent are exactly what a rate-spike or loop detector stops.
+[detectors]
+shadow = true
+
 [[connectors]]
 id = "echo"
 kind = "stdio"
@@ -164,6 +169,7 @@ command = "{python}"
 args = ["-m", "bench.echo_server", "--stdio"]
 cwd = "{repo}"
 env_allowlist = ["PATH", "HOME", "LANG", "PYTHONPATH"]
+sandbox = "{sandbox}"
 """
 
 BENCH_SCOPES = """\
@@ -198,12 +204,12 @@ def _broker_workdir() -> Iterator[Path]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def prepare_broker(workdir: Path, port: int) -> str:
+def prepare_broker(workdir: Path, port: int, sandbox: str = "auto") -> str:
     """Write broker.toml and scopes, init the store and keys, register an agent; return a token."""
     _broker_cli(workdir, "init")
     (workdir / "scopes.toml").write_text(BENCH_SCOPES)
     (workdir / "broker.toml").write_text(
-        BROKER_TOML.format(port=port, python=sys.executable, repo=REPO)
+        BROKER_TOML.format(port=port, python=sys.executable, repo=REPO, sandbox=sandbox)
     )
     _broker_cli(
         workdir,
@@ -267,11 +273,15 @@ async def _wait_tool_visible(endpoint: Endpoint, mode: str, workdir: Path) -> No
 
 
 @asynccontextmanager
-async def broker_endpoint(protocol: str) -> AsyncIterator[Endpoint]:
-    """`broker serve` in a child process fronting the echo server as a stdio connector."""
+async def broker_endpoint(protocol: str, sandbox: str = "auto") -> AsyncIterator[Endpoint]:
+    """`broker serve` in a child process fronting the echo server as a stdio connector.
+
+    ``sandbox`` is the echo connector's sandbox mode: ``auto`` (jailed where the platform
+    allows, the default for every stdio connector), ``required`` or ``off``.
+    """
     with _broker_workdir() as workdir:
         port = _free_port()
-        token = await anyio.to_thread.run_sync(prepare_broker, workdir, port)
+        token = await anyio.to_thread.run_sync(prepare_broker, workdir, port, sandbox)
         broker = Path(sys.executable).parent / "broker"
         env = {**os.environ, "BROKER_LOG_LEVEL": "WARNING"}
         command = [str(broker), "serve", "--config", str(workdir / "broker.toml")]
