@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.core.decision import Reason
+from broker.core.decision import Decision, Reason
 from broker.core.pinning import PinStatus
 from broker.core.policy import AccessRequest, TokenPolicy, decide, visible
 from scopes import parse_authorization_details, parse_scope_toml
@@ -367,3 +367,11 @@ def test_decide_agrees_with_the_reference_model(
         assert auth.arguments == args
     else:
         assert auth.decision.reasons == {expected}
+
+
+def test_a_denial_needs_a_reason_and_reasons_read_back_sorted() -> None:
+    with pytest.raises(ValueError, match="at least one reason"):
+        Decision.deny("dec_x")
+    both = Decision.deny("dec_x", Reason.SCOPE_MISSING, Reason.BUDGET_EXHAUSTED)
+    assert both.reason_text() == "budget-exhausted,scope-missing"
+    assert Decision.allow("dec_y").reasons == frozenset()
