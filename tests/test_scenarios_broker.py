@@ -19,22 +19,42 @@ import pytest
 from mcp import Client
 
 from broker.config import ConnectorConfig
-from connectors import ToolSet
+from broker.core.identity import AgentStatus
+from connectors import ToolError, ToolSet
 from tests.scenarios.corpus import ATTACKS, BENIGN, CORPUS_CONFIG, Call, Script
 from tests.test_quarantine_e2e import detector_broker, mcp_session, text
 
 CONTENT: dict[str, str] = {}
 # Egress calls that reached the (native) downstream tools, to prove a stopped call was not sent.
 EGRESS: list[str] = []
+# Set by the replay for a step the corpus marks as failing upstream (``ok=False`` or
+# ``upstream-timeout``): the next downstream tool call raises a `ToolError`, as a flaky
+# connector would. Calls run one at a time, so one flag is enough.
+TRANSIENT: dict[str, bool] = {"fail_next": False}
+# Result sizes are scaled down by this factor, and the read budget with them, so the number of
+# calls that spends the budget is the corpus's while the bytes on the wire stay small.
+SCALE = 64
+READ_BUDGET = 64 * 1024 * 1024
 
 files = ToolSet()
 web = ToolSet()
 mail = ToolSet()
+jobs = ToolSet()
+db = ToolSet()
+shell = ToolSet()
+
+
+def _upstream() -> None:
+    """Fail this call if the replay marked it as a transient upstream failure."""
+    if TRANSIENT["fail_next"]:
+        TRANSIENT["fail_next"] = False
+        raise ToolError("upstream timed out (transient), try again")
 
 
 @files.tool
 async def read_text_file(path: str) -> str:
     """Read a text file."""
+    _upstream()
     return CONTENT.get(path, f"contents of {path}")
 
 
@@ -51,10 +71,18 @@ async def get_file_info(path: str) -> str:
 
 
 @web.tool
-async def fetch(url: str) -> str:
+async def fetch(url: str, body: dict[str, Any] | None = None) -> str:
     """Fetch a page."""
-    EGRESS.append(url)
+    _upstream()
+    EGRESS.append(url + (repr(body) if body else ""))
     return f"<html>page at {url}</html>"
+
+
+@web.tool
+async def post(url: str, body: str) -> str:
+    """Post a body to a URL."""
+    EGRESS.append(url + body)
+    return "posted"
 
 
 @mail.tool
@@ -64,9 +92,28 @@ async def send(to: str, body: str) -> str:
     return "sent"
 
 
+@jobs.tool
+async def status(job: str) -> str:
+    """A job's status."""
+    return f"{job}: running"
+
+
+@db.tool
+async def query(dsn: str, sql: str) -> str:
+    """Run a read-only query."""
+    return "1 row"
+
+
+@shell.tool(name="exec")
+async def run_command(argv: list[str]) -> str:
+    """Run a command."""
+    EGRESS.append(" ".join(argv))
+    return "ok"
+
+
 CONNECTORS = tuple(
     ConnectorConfig(id=name, kind="native", target=f"tests.test_scenarios_broker:{name}")
-    for name in ("files", "web", "mail")
+    for name in ("files", "web", "mail", "jobs", "db", "shell")
 )
 SCOPES = """\
 [[scope]]
@@ -93,12 +140,44 @@ connector = "web"
 tools = ["fetch"]
 
 [[scope]]
+name = "web:post"
+labels = ["egress"]
+[[scope.grant]]
+connector = "web"
+tools = ["post"]
+
+[[scope]]
 name = "mail:send"
 labels = ["egress"]
 [[scope.grant]]
 connector = "mail"
 tools = ["send"]
+
+[[scope]]
+name = "jobs:run"
+labels = ["private"]
+[[scope.grant]]
+connector = "jobs"
+tools = ["status"]
+
+[[scope]]
+name = "db:query"
+labels = ["private"]
+[[scope.grant]]
+connector = "db"
+tools = ["query"]
+
+[[scope]]
+name = "shell:run"
+labels = ["private"]
+[[scope.grant]]
+connector = "shell"
+tools = ["exec"]
 """
+DETECTORS: dict[str, Any] = {
+    **CORPUS_CONFIG,
+    "loops": {**CORPUS_CONFIG.get("loops", {}), "read_budget_bytes": READ_BUDGET // SCALE},
+}
 STOPPED = ("flow-blocked", "anomaly-blocked", "agent-quarantined", "token-revoked")
 
 
@@ -127,12 +206,18 @@ async def advance(broker: Any, clock: SetClock, at: datetime) -> None:
 
 @dataclass
 class Replay:
+    script: str = ""
     stopped_at: int | None = None
-    blocked: list[str] | None = None
+    blocked: list[str] = field(default_factory=list[str])
     # The stopping call reached the downstream tool (it must not).
     leaked: bool = False
     # Calls the corpus expects to be allowed that came back as errors (before any attack).
     refused: list[str] = field(default_factory=list[str])
+    # Calls that failed upstream on purpose (transient errors) and came back as plain errors.
+    transient: int = 0
+    calls: int = 0
+    # Agents the broker quarantined by the end of the script.
+    quarantined: list[str] = field(default_factory=list[str])
 
 
 def broker_details(
@@ -164,30 +249,49 @@ def broker_details(
     return out
 
 
+def _content(step: Call) -> str | None:
+    """What the files tool returns for this step's path: its secrets, or its size (scaled)."""
+    if step.secrets:
+        return "\n".join(f"API_KEY={s}" for s in step.secrets)
+    if step.tool == "read_text_file" and step.result_bytes > 512:
+        return "x" * (step.result_bytes // SCALE)
+    return None
+
+
 async def replay(tmp_path: Path, script: Script) -> Replay:
     t0 = datetime.now(UTC)
     clock = SetClock(t0)
-    out = Replay(blocked=[])
+    out = Replay(script.name)
+    TRANSIENT["fail_next"] = False
     for step in script.steps:
-        if isinstance(step, Call) and step.secrets:
-            CONTENT[str(step.args.get("path"))] = "\n".join(f"API_KEY={s}" for s in step.secrets)
+        if isinstance(step, Call) and (body := _content(step)) is not None:
+            CONTENT[str(step.args.get("path"))] = body
     async with (
         detector_broker(
             tmp_path,
             connectors=CONNECTORS,
             scopes_toml=SCOPES,
-            detectors=CORPUS_CONFIG,
+            detectors=DETECTORS,
             clock=clock,
         ) as broker,
         AsyncExitStack() as stack,
     ):
+        # One broker agent per corpus agent (its scopes: all its tokens'), so an agent that
+        # works under two tokens keeps one profile, as in the corpus.
+        agent_scopes: dict[str, set[str]] = {}
+        for t in script.tokens:
+            agent_scopes.setdefault(t.agent, set()).update(t.scopes)
+        agents: dict[str, str] = {}
+        for name, scopes in agent_scopes.items():
+            agent, _ = await broker.add_agent(name, sorted(scopes), max_ttl=3600)
+            agents[name] = agent.id
         tokens: dict[str, str] = {}
         for t in script.tokens:
-            agent, _ = await broker.add_agent(f"{t.agent}-{t.alias}", list(t.scopes))
             minted = await broker.services.tokens.mint_for(
-                agent.id,
+                agents[t.agent],
                 scope=" ".join(t.scopes),
                 purpose=t.purpose or "scenario",
+                expires_in=3600,
                 authorization_details=broker_details(script, t.alias, t.authorization_details),
             )
             tokens[t.alias] = minted.access_token
@@ -195,6 +299,8 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
         attacking = 0
         in_attack = False
         for step in script.steps:
+            # Nothing in the broker closes a task, so a corpus `CloseTask` has nothing to drive
+            # (the benign scripts that close one go on under their other token, or end).
             if not isinstance(step, Call):
                 continue
             await advance(broker, clock, t0 + timedelta(seconds=step.at))
@@ -205,6 +311,9 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
                 )
             in_attack = in_attack or step.attack
             attacking += in_attack
+            out.calls += 1
+            failing = not step.ok or step.outcome == "upstream-timeout"
+            TRANSIENT["fail_next"] = failing
             sent = len(EGRESS)
             try:
                 with anyio.fail_after(10):
@@ -214,41 +323,88 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
                 answer = text(result) if result.is_error else ""
             except Exception as exc:
                 answer = f"session-closed ({type(exc).__name__})"
-            if answer and step.outcome == "allowed" and not in_attack:
+            TRANSIENT["fail_next"] = False
+            if failing and "(transient)" in answer:
+                out.transient += 1
+            elif answer and step.outcome == "allowed" and not in_attack:
                 out.refused.append(f"{step.tool} at {step.at}s: {answer}")
             if any(r in answer for r in STOPPED) or answer.startswith("session-closed"):
-                assert out.blocked is not None
                 out.blocked.append(answer)
                 if in_attack and out.stopped_at is None:
                     out.stopped_at = attacking
                     out.leaked = len(EGRESS) > sent
                     break
+        for agent_id in agents.values():
+            agent = await broker.services.store.get_agent(agent_id)
+            if agent.status is AgentStatus.QUARANTINED:
+                out.quarantined.append(agent.name)
     return out
 
 
-BENIGN_SUBSET = [s for s in BENIGN if s.name.startswith(("b01", "b03", "b09", "b12"))]
-ATTACK_SUBSET = [
-    s for s in ATTACKS if s.name.startswith(("a02", "a04", "a05", "a08", "a09", "a12"))
-]
+BENIGN_RUN = [s for s in BENIGN if not s.name.startswith("b05")]
+"""Every benign workload but b05 (three hours, 722 calls: beyond the 3600 s token lifetime and
+the file's time budget; its pattern, polling plus reads, is covered by b02/b04/b11)."""
+ATTACK_RUN = [s for s in ATTACKS if not s.name.startswith("a13")]
+SKIPPED = {
+    "a13-use-after-task-closed": "nothing in the broker closes a task (DetectorBook.close_task "
+    "has no caller), so a token cannot be used after its task closed; the engine replay in "
+    "tests/scenarios covers the detector",
+}
+SUMMARY: list[str] = []
 
 
-@pytest.mark.parametrize("script", BENIGN_SUBSET, ids=[s.name for s in BENIGN_SUBSET])
+def _summary(run: Replay, script: Script) -> str:
+    if script.stop_within is None:
+        return (
+            f"{script.name}: {run.calls} calls, blocked {len(run.blocked)}, "
+            f"transient errors {run.transient}, quarantined {run.quarantined or 'none'}"
+        )
+    how = run.blocked[-1] if run.blocked else "-"
+    return (
+        f"{script.name}: stopped at attacking call {run.stopped_at} / bound {script.stop_within}"
+        f" ({how}); quarantined {run.quarantined or 'none'}"
+    )
+
+
+@pytest.mark.parametrize("script", BENIGN_RUN, ids=[s.name for s in BENIGN_RUN])
 async def test_benign_workloads_are_never_blocked_through_the_broker(
     tmp_path: Path, script: Script
 ) -> None:
     run = await replay(tmp_path, script)
+    SUMMARY.append(_summary(run, script))
+    print(SUMMARY[-1])
     assert run.blocked == []
     assert run.refused == []
+    assert run.quarantined == []
+    expected = sum(
+        1
+        for s in script.steps
+        if isinstance(s, Call) and (not s.ok or s.outcome == "upstream-timeout")
+    )
+    assert run.transient == expected, "every transient upstream failure reached the agent"
 
 
-@pytest.mark.parametrize("script", ATTACK_SUBSET, ids=[s.name for s in ATTACK_SUBSET])
+@pytest.mark.parametrize("script", ATTACK_RUN, ids=[s.name for s in ATTACK_RUN])
 async def test_attacks_are_stopped_within_their_bound_through_the_broker(
     tmp_path: Path, script: Script
 ) -> None:
     run = await replay(tmp_path, script)
+    SUMMARY.append(_summary(run, script))
+    print(SUMMARY[-1])
     assert run.refused == []
     assert run.stopped_at is not None, f"{script.name} was never stopped"
     assert script.stop_within is not None
     assert run.stopped_at <= script.stop_within, (run.stopped_at, run.blocked)
     assert not run.leaked, "the stopping call reached the downstream tool"
-    print(f"{script.name}: stopped at attacking call {run.stopped_at}: {run.blocked}")
+    if run.blocked[-1].startswith("session-closed"):
+        # A closed session is a stop only because the agent was quarantined.
+        assert run.quarantined, run.blocked
+    if script.name.startswith("a15"):
+        # Planted content may get the call blocked, never the victim switched off.
+        assert run.quarantined == []
+        assert "flow-blocked" in run.blocked[-1] or "anomaly-blocked" in run.blocked[-1]
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_scripts_not_replayed_through_the_broker(name: str) -> None:
+    pytest.skip(SKIPPED[name])
