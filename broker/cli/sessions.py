@@ -252,12 +252,32 @@ def summary(event: RecordedEvent) -> str:
     if kind == EventKind.APPROVAL:
         return f"{p.get('approval_id', '?')} {p.get('state', '?')} {p.get('actor') or ''}".strip()
     if kind == EventKind.DETECTOR_SIGNAL:
-        return f"{p.get('detector', '?')} score {p.get('score', '?')} -> {p.get('action', '?')}"
+        return _signal(p)
     if kind == EventKind.SESSION_CLOSED:
         return f"{p.get('event_count', '?')} events" + (
             f" ({p['reason']})" if p.get("reason") else ""
         )
     return _clip(json.dumps(dict(p), sort_keys=True, default=str))
+
+
+def _signal(p: Mapping[str, Any]) -> str:
+    """A ``detector-signal``: detector, response (or what shadow mode would have done), the
+    signal values and the events that triggered it."""
+    line = f"{p.get('detector', '?')} -> {p.get('action', '?')}"
+    if p.get("shadow") is True:
+        line += f" (shadow, would {p.get('would', '?')})"
+    if p.get("untrusted") is True:
+        line += " (after untrusted content)"
+    if "score" in p:
+        line += f" score {p['score']}"
+    values = p.get("values")
+    if isinstance(values, Mapping) and values:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())  # pyright: ignore[reportUnknownVariableType]
+        line += f" values {shown}"
+    refs = p.get("refs")
+    if isinstance(refs, list) and refs:
+        line += " refs " + ", ".join(str(r) for r in refs)  # pyright: ignore[reportUnknownVariableType]
+    return _clip(line, 400)
 
 
 def _args(arguments: object) -> str:

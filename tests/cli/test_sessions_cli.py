@@ -372,3 +372,37 @@ def test_times_are_iso_8601_or_an_age(given: str, expected: datetime) -> None:
 def test_a_nonsense_time_is_refused() -> None:
     with pytest.raises(typer.BadParameter, match="ISO 8601"):
         parse_when("yesterday", T0)
+
+
+async def _record_signal(url: str) -> str:
+    from broker.core.detectors.model import DetectorId, Response, Signal
+    from broker.mediation import signal_payload
+
+    signal = Signal(
+        DetectorId.SECRET_ECHO,
+        (("encoding", "base64"), ("matched", 0.75)),
+        ("dec-read", "dec-fetch"),
+        would=Response.QUARANTINE_AGENT,
+        response=Response.RECORD,
+        shadow=True,
+    )
+    async with migrated_store(url) as store:
+        recorder = Recorder(store, clock=StepClock(T0), redactor=Redactor(b"c" * 32))
+        async with recorder:
+            session = await recorder.open_session(
+                agent_id="ag_eve", token_jti="jti-3", task_id="task-3", transport="http"
+            )
+            await session.record(EventKind.DETECTOR_SIGNAL, signal_payload(signal), "dec-fetch")
+            await session.close("done")
+    return session.id
+
+
+def test_show_prints_detector_signal_values_response_shadow_and_refs(broker: Broker) -> None:
+    session = anyio.run(_record_signal, broker.url)
+    code, out, _ = invoke(broker, "show", session)
+    assert code == 0, out
+    flat = " ".join(out.split())
+    assert "secret-echo -> record (shadow, would quarantine-agent)" in flat
+    assert "encoding=base64" in flat
+    assert "matched=0.75" in flat
+    assert "refs dec-read, dec-fetch" in flat
