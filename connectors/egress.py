@@ -62,6 +62,7 @@ HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 RESOLVE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0
+CLOSE_TIMEOUT = 5.0
 MAX_BODY = 16 * 1024 * 1024
 
 _METADATA = {
@@ -208,15 +209,25 @@ class EgressListener:
         self.path = path or ""
         self.port = port or 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
 
     async def aclose(self) -> None:
-        """Stop accepting, cut open connections, remove the socket file. Idempotent."""
+        """Stop accepting, cut open connections, remove the socket file. Idempotent.
+
+        A connection accepted while this runs is closed on arrival (see `EgressProxy._accept`),
+        so once it returns no connection of this listener is open. Every wait is bounded.
+        """
+        self.closed = True
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            self._tasks.difference_update(tasks)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             if self.path:
                 os.unlink(self.path)
@@ -276,6 +287,9 @@ class EgressProxy:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
+        if listener.closed:
+            writer.close()  # accepted as the listener closed: nobody would ever close it
+            return
         task = asyncio.get_running_loop().create_task(
             self._serve(connector_id, policy, reader, writer)
         )
@@ -327,9 +341,7 @@ class EgressProxy:
         except Exception:
             logger.exception("egress proxy connection failed", extra={"connector": connector_id})
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await _close(writer)
 
     async def _refuse_raw(
         self,
@@ -413,10 +425,11 @@ class EgressProxy:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         addresses = await self._check(connector_id, policy, target, kind, method)
         for address in addresses:
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 a `wait_for` cancelled just as
+            # the connection completes drops the connected stream unclosed.
             try:
-                upstream = await asyncio.wait_for(
-                    asyncio.open_connection(str(address), target.port), CONNECT_TIMEOUT
-                )
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    upstream = await asyncio.open_connection(str(address), target.port)
             except (OSError, TimeoutError):
                 continue
             event = EgressEvent(
@@ -425,11 +438,14 @@ class EgressProxy:
             try:
                 await self._report(event)
             except Exception:
-                upstream[1].close()
+                await _close(upstream[1])
                 logger.exception(
                     "egress event could not be recorded", extra={"connector": connector_id}
                 )
                 raise _Refused("not-recorded", 503, reported=True) from None
+            except BaseException:  # cancelled: the connection is nobody else's to close
+                upstream[1].close()
+                raise
             return upstream
         await self._report(
             EgressEvent(
@@ -461,7 +477,7 @@ class EgressProxy:
             await writer.drain()
             await _splice(reader, writer, up_reader, up_writer)
         finally:
-            up_writer.close()
+            await _close(up_writer)
 
     async def _forward(
         self,
@@ -549,7 +565,7 @@ class EgressProxy:
                 writer.write(chunk)
                 await writer.drain()
         finally:
-            up_writer.close()
+            await _close(up_writer)
 
     async def _check_redirect(
         self, connector_id: str, policy: EgressPolicy, base: str, location: str, method: str
@@ -617,6 +633,14 @@ def _authority(authority: str, default_port: int | None) -> _Target:
     elif not _HOST_NAME.match(host):
         raise _Refused("bad-request", 400)
     return _Target(host, port)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer``'s connection and wait (bounded) until its socket is released."""
+    writer.close()
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await writer.wait_closed()
 
 
 async def _splice(

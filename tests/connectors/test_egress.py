@@ -10,6 +10,7 @@ lets the loopback canary prove that nothing reached it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -185,19 +186,21 @@ async def start(
 async def exchange(listener: EgressListener, request: bytes, then: bytes = b"") -> bytes:
     with anyio.fail_after(15):
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        writer.write(request)
-        await writer.drain()
-        if then:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                writer.close()
-                return head
-            writer.write(then)
+        try:
+            writer.write(request)
             await writer.drain()
-        answer = await reader.read()
-        writer.close()
-        await writer.wait_closed()
-        return answer
+            if then:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    return head
+                writer.write(then)
+                await writer.drain()
+            return await reader.read()
+        finally:
+            # Closed and released on every path, so no socket is left for GC to find later.
+            writer.close()
+            with anyio.move_on_after(5), contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 def get(url: str, host: str = "x") -> bytes:
@@ -239,9 +242,13 @@ async def test_the_unix_socket_listener_serves_the_same_rules(
         assert ((await anyio.Path(listener.path).parent.stat()).st_mode & 0o777) == 0o700
         with anyio.fail_after(15):
             reader, writer = await asyncio.open_unix_connection(listener.path)
-            writer.write(get(f"http://home.test:{UPSTREAM_PORT}/"))
-            answer = await reader.read()
-            writer.close()
+            try:
+                writer.write(get(f"http://home.test:{UPSTREAM_PORT}/"))
+                answer = await reader.read()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
     finally:
         await listener.aclose()
     assert answer.startswith(b"HTTP/1.1 403")

@@ -30,8 +30,12 @@ from tests.fixtures.servers.misbehaving import build
 
 def listening_socket(port: int = 0) -> socket.socket:
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -49,21 +53,23 @@ async def serving(port: int = 0) -> AsyncIterator[int]:
     app = Starlette(routes=[Mount("/", app=mcp_app)], lifespan=lifespan)
     sock = listening_socket(port)
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    async with anyio.create_task_group() as tg:
+    try:
+        async with anyio.create_task_group() as tg:
 
-        async def run() -> None:
-            await uv.serve(sockets=[sock])
+            async def run() -> None:
+                await uv.serve(sockets=[sock])
 
-        tg.start_soon(run)
-        with anyio.fail_after(10):
-            while not uv.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
-                await anyio.sleep(0.01)
-        try:
-            yield sock.getsockname()[1]
-        finally:
-            uv.should_exit = True
-            uv.force_exit = True
-    sock.close()
+            tg.start_soon(run)
+            with anyio.fail_after(10):
+                while not uv.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+                    await anyio.sleep(0.01)
+            try:
+                yield sock.getsockname()[1]
+            finally:
+                uv.should_exit = True
+                uv.force_exit = True
+    finally:
+        sock.close()  # on every exit, a failed start-up included
 
 
 def spec_for(port: int, **fields: Any) -> HttpSpec:
