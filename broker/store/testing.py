@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+ADMIN_TIMEOUT = 60
+"""Bound on each administrative step (connect, CREATE/DROP DATABASE, close): a loaded machine
+makes them slow (DROP DATABASE waits for a checkpoint), but none may wait forever."""
 
 
 def postgres_admin_url() -> str:
@@ -73,22 +76,33 @@ async def create_postgres_database(
     admin = _libpq(admin_url or postgres_admin_url())
     name = f"broker_test_{secrets.token_hex(6)}"
     copy = f' TEMPLATE "{template}"' if template else ""
-    conn = await asyncpg.connect(admin, timeout=10)
+    conn = await asyncpg.connect(admin, timeout=ADMIN_TIMEOUT)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}', timeout=ADMIN_TIMEOUT)
     finally:
-        await conn.close()
+        await _close(conn)
     return _database_url(admin, name)
 
 
 async def drop_postgres_database(url: str, admin_url: str | None = None) -> None:
     """Drop the database ``url`` names, forcing its connections closed; absent is fine."""
     name = urlsplit(url).path.lstrip("/")
-    conn = await asyncpg.connect(_libpq(admin_url or postgres_admin_url()), timeout=10)
+    conn = await asyncpg.connect(_libpq(admin_url or postgres_admin_url()), timeout=ADMIN_TIMEOUT)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=ADMIN_TIMEOUT)
     finally:
-        await conn.close()
+        await _close(conn)
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` politely within a bound, else cut it (never an unbounded wait)."""
+    try:
+        await conn.close(timeout=10)
+    except TimeoutError:
+        conn.terminate()
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def create_migrated_template(admin_url: str | None = None) -> str:
