@@ -748,10 +748,15 @@ class SqlStore:
         return [_event(r) for r in rows]
 
     async def find_event_by_decision(self, decision_id: str) -> RecordedEvent:
+        """The ``decision`` event with this id; else the first event carrying it.
+
+        Detector signals are recorded under the decision id just before the decision itself, so
+        the decision event is preferred; ids that name no decision (admin actions) still resolve.
+        """
         query = (
             select(EventRow)
             .where(EventRow.decision_id == decision_id)
-            .order_by(EventRow.at, EventRow.seq)
+            .order_by((EventRow.kind != "decision"), EventRow.at, EventRow.seq)
             .limit(1)
         )
         async with self._tx(write=False) as s:

@@ -208,3 +208,17 @@ async def test_two_writers_racing_for_the_same_seq_cannot_fork_the_chain(store_u
     finally:
         for w in writers:
             await w.aclose()
+
+
+async def test_the_decision_event_is_found_before_a_signal_recorded_under_the_same_id(
+    store: SqlStore,
+) -> None:
+    await store.open_session(session("s1"))
+    signal, decision, result = chain("s1", 3)
+    events = [
+        replace(signal, kind="detector-signal", decision_id="dec-x"),
+        replace(decision, kind="decision", decision_id="dec-x"),
+        replace(result, kind="result", decision_id="dec-x"),
+    ]
+    await store.append_events(events)
+    assert await store.find_event_by_decision("dec-x") == events[1]
