@@ -18,7 +18,13 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 from mcp import Client, StdioServerParameters
 
-from tests.conformance.harness import REPO, baseline_problems, missing_tools, run_server_suite
+from tests.conformance.harness import (
+    REPO,
+    SCENARIOS,
+    baseline_problems,
+    missing_tools,
+    run_server_suite,
+)
 
 pytestmark = [
     pytest.mark.servers,
@@ -27,69 +33,7 @@ pytestmark = [
 
 FIXTURE_MODULE = "tests.fixtures.servers.conformance_server"
 
-# Scenarios of @modelcontextprotocol/conformance 0.2.0-alpha.12, `--suite all --spec-version V`.
-SHARED_SCENARIOS = (
-    "completion-complete",
-    "dns-rebinding-protection",
-    "json-schema-2020-12",
-    "prompts-get-embedded-resource",
-    "prompts-get-simple",
-    "prompts-get-with-args",
-    "prompts-get-with-image",
-    "prompts-list",
-    "resources-list",
-    "resources-read-binary",
-    "resources-read-text",
-    "resources-templates-read",
-    "server-sse-multiple-streams",
-    "tools-call-audio",
-    "tools-call-embedded-resource",
-    "tools-call-error",
-    "tools-call-image",
-    "tools-call-mixed-content",
-    "tools-call-simple-text",
-    "tools-call-with-progress",
-    "tools-list",
-)
-BASELINE: dict[str, tuple[str, ...]] = {
-    "2025-11-25": (
-        *SHARED_SCENARIOS,
-        "elicitation-sep1034-defaults",
-        "elicitation-sep1330-enums",
-        "logging-set-level",
-        "ping",
-        "resources-subscribe",
-        "resources-unsubscribe",
-        "server-initialize",
-        "server-session-lifecycle",
-        "server-sse-polling",
-        "tools-call-elicitation",
-        "tools-call-sampling",
-        "tools-call-with-logging",
-    ),
-    "2026-07-28": (
-        *SHARED_SCENARIOS,
-        "caching",
-        "http-custom-header-server-validation",
-        "http-header-validation",
-        "input-required-result-basic-elicitation",
-        "input-required-result-basic-list-roots",
-        "input-required-result-basic-sampling",
-        "input-required-result-capability-check",
-        "input-required-result-ignore-extra-params",
-        "input-required-result-missing-input-response",
-        "input-required-result-multi-round",
-        "input-required-result-multiple-input-requests",
-        "input-required-result-non-tool-request",
-        "input-required-result-request-state",
-        "input-required-result-result-type",
-        "input-required-result-tampered-state",
-        "input-required-result-unsupported-methods",
-        "input-required-result-validate-input",
-        "sep-2164-resource-not-found",
-        "server-stateless",
-    ),
-}
+BASELINE = SCENARIOS
 # Scenario -> why it cannot pass against the fixture server. Empty: every scenario passes.
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {"2025-11-25": {}, "2026-07-28": {}}
 
