@@ -140,7 +140,8 @@ def serve(
     console.print(f"  token endpoint: {base}/oauth/token")
     console.print("connect an agent:")
     console.print(
-        f"  .venv/bin/broker agents add my-agent --scopes time:read,demo:use --config {config}"
+        "  .venv/bin/broker agents add my-agent --owner you --scopes time:read,demo:use "
+        f"--config {config}"
     )
     console.print(
         "  BROKER_CLIENT_ID=<id> BROKER_CLIENT_SECRET=<secret> "
