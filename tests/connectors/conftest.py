@@ -13,14 +13,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# `tests/` is on sys.path (its conftest has no package), and this directory is named
-# `connectors`, so without the repository root first `import connectors` would find this
-# directory as a namespace package instead of the real one.
-if sys.path[:1] != [str(REPO)]:
-    sys.path.insert(0, str(REPO))
-if getattr(sys.modules.get("connectors"), "__file__", "") is None:
-    del sys.modules["connectors"]
-
 SERVERS = REPO / "tests" / "fixtures" / "servers"
 NPM = REPO / ".tools" / "npm" / "node_modules" / "@modelcontextprotocol"
 
