@@ -179,11 +179,14 @@ async def matrix_harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield h
 
 
+@asynccontextmanager
 async def held(cm: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
-    """Yield what ``cm`` gives, entered and exited in one holder task.
+    """Give what ``cm`` gives, entered and exited in one holder task.
 
     pytest-asyncio sets a fixture up and tears it down in different tasks, and the broker's task
-    groups must be left in the task that entered them.
+    groups must be left in the task that entered them. A context manager, not a bare async
+    generator, so the holder is stopped when the fixture tears down rather than whenever the
+    generator happens to be collected (at loop shutdown the holder would be cancelled instead).
     """
     ready, stop = asyncio.Event(), asyncio.Event()
     box: list[T] = []
@@ -211,7 +214,7 @@ async def held(cm: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
-    async for h in held(matrix_harness(tmp_path_factory.mktemp("matrix"))):
+    async with held(matrix_harness(tmp_path_factory.mktemp("matrix"))) as h:
         yield h
 
 
@@ -306,13 +309,13 @@ async def test_each_endpoint_admits_exactly_the_roles_of_the_matrix(
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqlStore]:
-    async for s in held(migrated_store(sqlite_url(tmp_path))):
+    async with held(migrated_store(sqlite_url(tmp_path))) as s:
         yield s
 
 
 @pytest.fixture
 async def h(tmp_path: Path, store: SqlStore) -> AsyncIterator[Harness]:
-    async for value in held(harness(tmp_path, store)):
+    async with held(harness(tmp_path, store)) as value:
         yield value
 
 
