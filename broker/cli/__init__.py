@@ -16,28 +16,28 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    import importlib
-
-    from broker.cli import agents, scopes, serve, stdio, tokens
+    from broker.cli import (
+        admin,
+        agents,
+        approvals,
+        connectors,
+        scopes,
+        serve,
+        sessions,
+        stdio,
+        tokens,
+    )
 
     serve.register(app)
     stdio.register(app)
     scopes.register(app)
     app.add_typer(agents.app, name="agents")
+    app.add_typer(connectors.app, name="connectors")
     app.add_typer(tokens.app, name="token")
     app.add_typer(tokens.keys_app, name="keys")
-    # Command groups whose modules may not exist in every build of the tree yet.
-    for module, name, attr in (
-        ("connectors", "connectors", "app"),
-        ("sessions", "sessions", "app"),
-        ("approvals", "approvals", "app"),
-        ("admin", "admin-token", "app"),
-    ):
-        try:
-            mod = importlib.import_module(f"broker.cli.{module}")
-        except ModuleNotFoundError:
-            continue
-        app.add_typer(getattr(mod, attr), name=name)
+    app.add_typer(sessions.app, name="sessions")
+    app.add_typer(approvals.app, name="approvals")
+    app.add_typer(admin.app, name="admin-token")
 
 
 _register()
