@@ -212,8 +212,10 @@ async def held(cm: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
             await holder
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
+@pytest_asyncio.fixture
 async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
+    # One broker per cell, on the test's own loop: a module-scoped loop shared with a broker
+    # left its tasks to be cancelled at loop shutdown, which hung after subprocess tests ran.
     async with held(matrix_harness(tmp_path_factory.mktemp("matrix"))) as h:
         yield h
 
@@ -269,7 +271,6 @@ def test_every_endpoint_in_the_table_is_distinct_and_documented() -> None:
     assert all(e.path.startswith("/") for e in ENDPOINTS)
 
 
-@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=key)
 async def test_each_endpoint_admits_exactly_the_roles_of_the_matrix(
