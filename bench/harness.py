@@ -156,10 +156,15 @@ agent_max_concurrent = 0
 connector_calls_per_minute = 0
 connector_max_concurrent = 0
 
-# The detectors run and record, but never block: hundreds of identical calls a minute from a
-# new agent are exactly what a rate-spike or loop detector stops.
+# Every detector runs on every call (their cost is part of the figure), in shadow mode so a
+# finding is recorded but never blocks. The bench agent's known workload is hundreds of calls
+# a second, so its rate thresholds say so; a flood from an agent without them would be stopped.
 [detectors]
 shadow = true
+
+[detectors.rate]
+cap_per_minute = 100000
+spike_floor_per_minute = 100000
 
 [[connectors]]
 id = "echo"
@@ -309,9 +314,14 @@ async def _client(endpoint: Endpoint, mode: str) -> AsyncIterator[Client]:
             yield client
 
 
+_sequence = iter(range(1 << 62))
+
+
 async def _call(client: Client) -> None:
+    # Each call's text differs, as real work does (identical calls in a loop are what the
+    # loop detector is for).
     with anyio.fail_after(CALL_TIMEOUT):
-        result = await client.call_tool("echo", {"text": ECHO_TEXT})
+        result = await client.call_tool("echo", {"text": f"{ECHO_TEXT} {next(_sequence)}"})
     if result.is_error:
         raise RuntimeError(f"echo returned a tool error: {result.content}")
 

@@ -245,5 +245,5 @@ def _routes(services: Services) -> list[BaseRoute]:
         *admin_routes(services, actions=actions, approvals=services.approval_desk),
         *review_routes(services, actions=actions),
         *metrics_routes(services.metrics),
-        Mount("/", app=services.front.asgi_app()),
+        Mount("/", app=services.front.http_app()),
     ]

@@ -121,12 +121,29 @@ class FrontRelays:
         self, ctx: ServerRequestContext[Any, Any], principal: Principal | None
     ) -> CallRelay | None:
         """Where a connector's traffic during this call may go: this request, of this agent."""
+        return self.relay_for(
+            principal,
+            session=ctx.session,
+            request_id=ctx.request_id,
+            legacy=ctx.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS,
+            key=self.connection_key(ctx),
+        )
+
+    def relay_for(
+        self,
+        principal: Principal | None,
+        *,
+        session: Any,
+        request_id: Any,
+        legacy: bool,
+        key: object | None,
+    ) -> CallRelay | None:
+        """`call_relay` from its parts: ``session`` is the agent's `ServerSession` (or a proxy),
+        ``request_id`` the call's JSON-RPC id, or None when the call has no stream of its own
+        (the direct tool-call path answers with plain JSON), in which case log messages and
+        requests for the agent travel on the session's standalone stream."""
         if principal is None:
             return None
-        legacy = ctx.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS
-        key = self.connection_key(ctx)
-        request_id = ctx.request_id
-        session = ctx.session
 
         async def log(params: types.LoggingMessageNotificationParams) -> None:
             if not self._log_wanted(key, params.level):

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import anyio
 import mcp.types as types
 from mcp.server import Server, ServerRequestContext
-from mcp.server.auth.provider import TokenVerifier
+from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.context import CallNext, HandlerResult
 from mcp.server.lowlevel.server import NotificationOptions
@@ -68,6 +68,7 @@ from broker.core.decision import Reason
 from broker.core.detectors import DetectorBook, DetectorsConfig
 from broker.event_store import BoundedEventStore, per_session_event_stores
 from broker.front_relays import FrontRelays, resource_not_found
+from broker.http_sessions import live_session, owned_by, session_instances, terminate_http_session
 from broker.mediation import (
     CallApprovals,
     CallContext,
@@ -83,11 +84,12 @@ from broker.mediation import (
 from broker.ports import Clock
 from broker.principal import PrincipalCache, PrincipalLookup
 from broker.registry import Registry, SnapshotChange
+from broker.tool_call_lane import LaneSession, ToolCallLane
 from connectors import CallTimeout, ConnectorError
 from connectors.relay import relaying
 from scopes.model import ScopeDefinition
 
-__all__ = ["BROKER_VERSION", "McpFront", "denial", "new_decision_id"]
+__all__ = ["BROKER_VERSION", "McpFront", "denial", "new_decision_id", "terminate_http_session"]
 
 logger = logging.getLogger("broker.mcp_front")
 
@@ -195,6 +197,7 @@ class McpFront:
         self._sessions: dict[object, _LegacySession] = {}
         self._list_cache: dict[tuple[str, frozenset[str]], tuple[int, types.ListToolsResult]] = {}
         self._app: Starlette | None = None
+        self._lane: ToolCallLane | None = None
         self.relays = FrontRelays(
             registry=registry,
             principal_lookup=lambda ctx: self.principal_lookup(ctx),
@@ -263,6 +266,84 @@ class McpFront:
         )
         per_session_event_stores(self.server.session_manager)
         return self._app
+
+    def http_app(self) -> ToolCallLane:
+        """`asgi_app()` behind the direct tool-call lane (`broker.tool_call_lane`): what to mount.
+
+        The lane serves 2025-era ``tools/call`` POSTs on live sessions without the SDK's server
+        path (the same mediation, a fraction of the CPU); everything else reaches `asgi_app()`.
+        """
+        if self._lane is None:
+            cfg = self.server_config
+            self._lane = ToolCallLane(
+                self.asgi_app(),
+                self,
+                security=TransportSecuritySettings(
+                    enable_dns_rebinding_protection=True,
+                    allowed_hosts=[*LOOPBACK_HOSTS, *cfg.allowed_hosts],
+                    allowed_origins=[*LOOPBACK_ORIGINS, *cfg.allowed_origins],
+                ),
+                max_body=cfg.max_body_bytes,
+            )
+        return self._lane
+
+    async def lane_token(self, raw: str) -> AccessToken | None:
+        """The lane's token check: the SDK hook's verifier; None without one (tests)."""
+        if self.verifier is None:
+            return None
+        return await self.verifier.verify_token(raw)
+
+    def lane_session(self, session_id: str, token: AccessToken) -> LaneSession | None:
+        """The live 2025-era session ``token``'s principal opened and the front has seen."""
+        manager = self.session_manager
+        transport = live_session(manager, session_id)
+        entry = self._sessions.get(session_id)
+        if transport is None or entry is None or not owned_by(manager, session_id, token):
+            return None
+        version = getattr(entry.session, "protocol_version", None)
+        if version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            return None
+        return LaneSession(
+            session_id=session_id,
+            transport=transport,
+            protocol_version=str(version),
+            session=entry.session,
+            client_info=_session_client_info(entry.session),
+        )
+
+    async def lane_call(
+        self,
+        lane: LaneSession,
+        token: AccessToken,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        peer: str | None,
+    ) -> types.CallToolResult:
+        """`call_tool` for a request the lane serves: same mediation, same answers."""
+        try:
+            principal = self._principals.from_access_token(token)
+            call = CallContext(
+                principal=principal,
+                http_session_id=lane.session_id,
+                protocol_version=lane.protocol_version,
+                transport="http",
+                client_info=lane.client_info,
+                peer=peer,
+            )
+        except Exception:
+            decision_id = new_decision_id()
+            logger.exception("identifying a tool call failed", extra={"decision_id": decision_id})
+            return denial(decision_id, Reason.DECISION_ERROR)
+        try:
+            relay = self.relays.relay_for(
+                principal, session=lane.session, request_id=None, legacy=True, key=lane.session_id
+            )
+        except Exception:
+            logger.exception("building the call relay failed")
+            relay = None
+        with relaying(relay):
+            result = await self.mediator.call_tool(call, name, arguments)
+        return _for_era(result, lane.protocol_version)
 
     @property
     def session_manager(self) -> StreamableHTTPSessionManager:
@@ -498,7 +579,7 @@ class McpFront:
     def _live_http_sessions(self) -> frozenset[str]:
         if self.server._session_manager is None:  # pyright: ignore[reportPrivateUsage]
             return frozenset()
-        return frozenset(_session_instances(self.server.session_manager))
+        return frozenset(session_instances(self.server.session_manager))
 
     async def close_sessions_for(self, agent_id: str) -> int:
         """Terminate every live 2025-era HTTP session opened by ``agent_id``; returns how many.
@@ -537,24 +618,6 @@ class McpFront:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _session_instances(manager: StreamableHTTPSessionManager) -> Mapping[str, Any]:
-    return manager._server_instances  # pyright: ignore[reportPrivateUsage]
-
-
-async def terminate_http_session(manager: StreamableHTTPSessionManager, session_id: str) -> bool:
-    """Drop one stateful HTTP session; False when it is already gone.
-
-    The SDK (2.3) has no public way to end a session, so this is the one place that uses its
-    private ``_server_instances`` / ``_discard_session`` (pinned by ``mcp>=2.3,<2.4`` and
-    covered by a test).
-    """
-    transport = _session_instances(manager).get(session_id)
-    if transport is None:
-        return False
-    await manager._discard_session(session_id, transport)  # pyright: ignore[reportPrivateUsage]
-    return True
-
-
 def _http_session_id(ctx: ServerRequestContext[Any, Any]) -> str | None:
     request = ctx.request
     headers = getattr(request, "headers", None)
@@ -585,7 +648,11 @@ def _peer_host(ctx: ServerRequestContext[Any, Any]) -> str | None:
 
 def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
     """The client's self-description (name, version), as both eras carry it."""
-    params = getattr(ctx.session, "client_params", None)
+    return _session_client_info(ctx.session)
+
+
+def _session_client_info(session: Any) -> dict[str, Any]:
+    params = getattr(session, "client_params", None)
     info = getattr(params, "client_info", None)
     if info is None:
         return {}

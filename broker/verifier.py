@@ -4,6 +4,14 @@ Shell adapter: verification is `broker.core.tokens.verify_token` with the key ri
 revocation and agent status through the `RevocationCache`. A refusal is logged with its reason
 and the token's jti (when the signature verified), never the token, and answered with None, which
 the SDK turns into 401 with ``WWW-Authenticate``.
+
+Verified tokens are remembered (`VerifiedTokens`): an agent presents the same token on every call
+of its task, and the Ed25519 check (130-230 µs here) is the largest fixed cost of a mediated call.
+What is remembered is the exact token string, so a hit proves the same bytes were verified
+before; what can change since is re-checked on every use: the signing key must still verify
+(a retired key's tokens stop at once), the time claims and issuer/audience against now
+(`check_claims`), and revocation and agent status (the `RevocationCache`, in memory). A token
+that was refused is never remembered.
 """
 
 from __future__ import annotations
@@ -14,7 +22,13 @@ import time
 from mcp.server.auth.provider import AccessToken
 
 from broker.config import BrokerConfig
-from broker.core.tokens import TokenClaims, TokenRejected, verify_token
+from broker.core.tokens import (
+    TokenClaims,
+    TokenRejected,
+    check_claims,
+    unverified_header,
+    verify_token,
+)
 from broker.errors import StoreUnavailable
 from broker.keys import KeyRing
 from broker.ports import Clock, Store
@@ -27,6 +41,37 @@ logger = logging.getLogger(__name__)
 # An unknown kid may be a key another replica just rotated in; reloading the keys from the store
 # is rate-limited so that tokens with random kids cannot turn into store queries.
 KEY_REFRESH_INTERVAL = 5.0
+VERIFIED_TOKENS_MAX = 4096
+"""Tokens remembered at once; the whole memory is dropped when full (cheap, and bounded)."""
+
+
+class VerifiedTokens:
+    """Tokens whose signature and claims verified, by their exact string: ``(claims, kid)``.
+
+    Bounded by ``limit``; an expired token is dropped when it is next seen, and everything is
+    dropped at once when the memory is full (a flood of distinct valid tokens only costs the
+    verification they would have cost anyway).
+    """
+
+    __slots__ = ("_entries", "_limit")
+
+    def __init__(self, limit: int = VERIFIED_TOKENS_MAX) -> None:
+        self._entries: dict[str, tuple[TokenClaims, str]] = {}
+        self._limit = limit
+
+    def get(self, raw: str) -> tuple[TokenClaims, str] | None:
+        return self._entries.get(raw)
+
+    def put(self, raw: str, claims: TokenClaims, kid: str) -> None:
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[raw] = (claims, kid)
+
+    def drop(self, raw: str) -> None:
+        self._entries.pop(raw, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class BrokerTokenVerifier:
@@ -53,6 +98,7 @@ class BrokerTokenVerifier:
         self.max_lifetime = max_lifetime
         self.store = store
         self._last_key_refresh = -KEY_REFRESH_INTERVAL
+        self.verified = VerifiedTokens()
 
     @classmethod
     def from_config(
@@ -81,15 +127,36 @@ class BrokerTokenVerifier:
             TokenRejected: the token is not valid now; ``reason`` says why.
         """
         now = self.clock.now()
-        return verify_token(
+        keys = self.keyring.verification_keys(now)
+        known = self.verified.get(raw)
+        if known is not None:
+            claims, kid = known
+            if kid in keys:
+                try:
+                    check_claims(
+                        claims,
+                        audience=self.audience,
+                        issuer=self.issuer,
+                        now=now,
+                        leeway=self.leeway,
+                        max_lifetime=self.max_lifetime,
+                    )
+                except TokenRejected:
+                    self.verified.drop(raw)
+                    raise
+                return claims
+            self.verified.drop(raw)
+        claims = verify_token(
             raw,
-            keys=self.keyring.verification_keys(now),
+            keys=keys,
             audience=self.audience,
             issuer=self.issuer,
             now=now,
             leeway=self.leeway,
             max_lifetime=self.max_lifetime,
         )
+        self.verified.put(raw, claims, str(unverified_header(raw)["kid"]))
+        return claims
 
     async def authenticate(self, raw: str) -> TokenClaims:
         """Signature, claims, revocation and agent status; refreshes keys on an unknown kid.

@@ -428,3 +428,63 @@ async def test_a_store_failure_while_reloading_keys_refuses_the_token(
         assert record.__dict__["reason"] == "store-unavailable"
     finally:
         await dead.aclose()
+
+
+# -- remembered tokens: what may change after the first verification is checked on every use ----
+
+
+async def test_a_remembered_token_is_refused_once_revoked(broker: Broker) -> None:
+    b = broker
+    raw, claims = b.mint()
+    assert await b.verifier.verify_token(raw) is not None
+    assert b.verifier.verified.get(raw) is not None
+    rev = await b.store.revoke(RevocationKind.TOKEN, claims.jti, reason="t", actor="a", at=NOW)
+    b.cache.apply_local(rev)
+    assert await b.verifier.verify_token(raw) is None
+
+
+async def test_a_remembered_token_is_refused_once_expired_and_forgotten(broker: Broker) -> None:
+    b = broker
+    raw, claims = b.mint(exp=int(NOW.timestamp()) + 60)
+    assert await b.verifier.verify_token(raw) is not None
+    b.clock.at = NOW + timedelta(seconds=60 + CONFIG.tokens.leeway + 1)
+    with pytest.raises(TokenRejected) as refused:
+        b.verifier.verify_claims(raw)
+    assert refused.value.reason == "expired"
+    assert refused.value.jti == claims.jti
+    assert b.verifier.verified.get(raw) is None
+
+
+async def test_a_remembered_token_stops_when_its_key_stops_verifying(
+    broker: Broker, tmp_path: Path
+) -> None:
+    b = broker
+    raw, _ = b.mint()
+    assert await b.verifier.verify_token(raw) is not None
+    await b.ring.rotate(b.store, NOW)
+    # Past the retired key's verification window (its tokens cannot outlive max_ttl + leeway),
+    # the remembered token is refused like a fresh one would be, and forgotten.
+    b.clock.at = NOW + timedelta(seconds=CONFIG.tokens.max_ttl + CONFIG.tokens.leeway + 1)
+    with pytest.raises(TokenRejected) as refused:
+        b.verifier.verify_claims(raw)
+    assert refused.value.reason in {"unknown-key", "expired"}
+    assert b.verifier.verified.get(raw) is None
+
+
+async def test_a_refused_token_is_never_remembered(broker: Broker) -> None:
+    b = broker
+    tampered = _tampered(b)
+    assert await b.verifier.verify_token(tampered) is None
+    assert b.verifier.verified.get(tampered) is None
+    assert len(b.verifier.verified) == 0
+
+
+async def test_the_memory_of_verified_tokens_is_bounded(broker: Broker) -> None:
+    b = broker
+    b.verifier.verified = type(b.verifier.verified)(limit=3)
+    tokens = [b.mint()[0] for _ in range(5)]
+    for raw in tokens:
+        assert await b.verifier.verify_token(raw) is not None
+        assert len(b.verifier.verified) <= 3
+    # A forgotten token still verifies: memory is an optimisation, never the authority.
+    assert await b.verifier.verify_token(tokens[0]) is not None

@@ -65,6 +65,7 @@ __all__ = [
     "TaskClaim",
     "TokenClaims",
     "TokenRejected",
+    "check_claims",
     "mint_token",
     "unverified_header",
     "verify_token",
@@ -419,13 +420,13 @@ def verify_token(
     except TokenRejected as exc:
         exc.jti = jti
         raise
-    _check_claims(
+    check_claims(
         claims, audience=audience, issuer=issuer, now=now, leeway=leeway, max_lifetime=max_lifetime
     )
     return claims
 
 
-def _check_claims(
+def check_claims(
     claims: TokenClaims,
     *,
     audience: str,
@@ -434,6 +435,16 @@ def _check_claims(
     leeway: int,
     max_lifetime: int,
 ) -> None:
+    """The claim checks of `verify_token` that depend on the verifier and the time.
+
+    A verifier that remembers tokens whose signature it already checked runs these again on
+    every use, since a token verified a minute ago may have expired since.
+
+    Raises:
+        TokenRejected: issuer or audience mismatch, issued or valid only in the future,
+            expired, or a lifetime beyond ``max_lifetime``.
+    """
+
     def refuse(reason: str) -> TokenRejected:
         return TokenRejected(reason, jti=claims.jti)
 

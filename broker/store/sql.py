@@ -9,14 +9,18 @@ the driver's implicit transactions are replaced by our own ``BEGIN`` (``BEGIN IM
 writes, so read-then-write transactions queue on the busy timeout instead of failing on a lock
 upgrade). PostgreSQL: revocations are serialised by a transaction-level advisory lock so their
 ``seq`` order is also their commit order, and each one is announced with ``NOTIFY``.
+
+Event appends (two per tool call, each awaited until durable) take a faster road: a connection
+of their own in `broker.store.appender`, falling back to the checked path here only to name a
+conflict.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from datetime import datetime
 from itertools import pairwise
@@ -54,6 +58,7 @@ from broker.core.recording import RecordedEvent, SessionRecord
 from broker.core.revocation import IssuedToken, Revocation, RevocationKind
 from broker.errors import NotFound, StoreError, StoreUnavailable
 from broker.ports import SigningKeyRecord, StoredConnector
+from broker.store.appender import Advance, open_appender
 from broker.store.errors import Conflict
 from broker.store.tables import (
     AdminTokenRow,
@@ -78,6 +83,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 REVOCATION_CHANNEL = "broker_revocations"
 """PostgreSQL NOTIFY channel; the payload is the new revocation's seq."""
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+_POSTGRES_CONNECT_ARGS = {"timeout": 10, "command_timeout": 30}
 _REVOCATION_LOCK = 0x6272_6F6B  # advisory lock id serialising revocation inserts
 _MIGRATION_LOCK = 0x6272_6F6D  # advisory lock id serialising migrations of replicas
 _WRITE = "broker_write"
@@ -89,6 +95,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     sqlite3.Error,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # raised raw by the appender's driver connection
     OSError,
     TimeoutError,
 )
@@ -108,7 +115,7 @@ def open_store(url: str, *, pool_size: int = 5, max_overflow: int = 10) -> SqlSt
         options |= {
             "pool_size": pool_size,
             "max_overflow": max_overflow,
-            "connect_args": {"timeout": 10, "command_timeout": 30},
+            "connect_args": dict(_POSTGRES_CONNECT_ARGS),
         }
     engine = create_async_engine(url, **options)
     return SqlStore(engine)
@@ -139,7 +146,11 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 class SqlStore:
-    """`broker.ports.Store` on an async SQLAlchemy engine. Build it with `open_store`."""
+    """`broker.ports.Store` on an async SQLAlchemy engine. Build it with `open_store`.
+
+    Event appends, the recorder's hot path, go through an appender holding a connection of its
+    own (`broker.store.appender`); the ORM path below remains for what it cannot do.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -152,6 +163,12 @@ class SqlStore:
         self._write = async_sessionmaker(
             engine.execution_options(**{_WRITE: True}), expire_on_commit=False, autoflush=False
         )
+        self._appender = open_appender(
+            engine,
+            sqlite_setup=lambda conn: _sqlite_connect(conn, None),
+            sqlite_timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            postgres_connect_args=_POSTGRES_CONNECT_ARGS,
+        )
 
     @property
     def dialect(self) -> str:
@@ -159,17 +176,27 @@ class SqlStore:
         return self._engine.dialect.name
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
-        await self._engine.dispose()
+        """Close the appender's connection and every pooled connection."""
+        try:
+            if self._appender is not None:
+                await self._appender.aclose()
+        finally:
+            await self._engine.dispose()
 
     @asynccontextmanager
     async def _tx(self, *, write: bool, conflict: str = "") -> AsyncIterator[AsyncSession]:
         """One session, one transaction, committed explicitly; errors mapped to the tree."""
         maker = self._write if write else self._read
-        try:
+        with self._translated(conflict):
             async with maker() as session:
                 yield session
                 await session.commit()
+
+    @contextmanager
+    def _translated(self, conflict: str = "") -> Iterator[None]:
+        """Map database and driver errors onto the tree in `broker.errors`."""
+        try:
+            yield
         except sa_exc.IntegrityError as exc:
             raise Conflict(conflict or "the write breaks a uniqueness or reference rule") from exc
         except _UNAVAILABLE as exc:
@@ -648,6 +675,16 @@ class SqlStore:
         for session_id, chain in by_session.items():
             _check_contiguous(session_id, chain)
         conflict = "an event (session, seq) is already recorded: the chain cannot fork"
+        if self._appender is not None:
+            advances = [
+                Advance(c[0].session_id, c[0].seq - 1, c[0].prev_hash, c[-1].seq, c[-1].hash)
+                for c in by_session.values()
+            ]
+            with self._translated(conflict):
+                if await self._appender.append(advances, [_event_values(e) for e in events]):
+                    return
+            # Refused as a whole: this checked path finds and names the conflict (or, had the
+            # chains moved meanwhile, appends after all).
         async with self._tx(write=True, conflict=conflict) as s:
             for session_id, chain in by_session.items():
                 first, last = chain[0], chain[-1]
