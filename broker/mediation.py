@@ -341,6 +341,14 @@ _PIN_STATUS = {
 }
 
 
+_CUT_OFF = {
+    Response.QUARANTINE_AGENT: Reason.AGENT_QUARANTINED,
+    Response.REVOKE_TOKEN: Reason.TOKEN_REVOKED,
+    Response.REVOKE_TASK: Reason.TOKEN_REVOKED,
+}
+"""Detector responses that cut the caller off, and the reason its answer names."""
+
+
 class _Refused(Exception):
     """A stage said no (internal control flow; never leaves the mediator)."""
 
@@ -737,6 +745,11 @@ class Mediator:
         after = self._observe_result(principal, decision_id, route, auth, wire, shaped.size, result)
         if after.signals and not await self._signals(session, principal, decision_id, after):
             return self._store_failed(decision_id, principal, started)
+        cut = self._cut_off_by(after)
+        if cut is not None:
+            # What this result showed got the caller cut off: it does not get the result.
+            await self._respond(after, principal, decision_id, session)
+            return await self._upstream_failed(session, principal, decision_id, cut, started)
         if shaped.changed:
             result = types.CallToolResult.model_validate(shaped.result)
         flags: list[str] = []
@@ -870,6 +883,15 @@ class Mediator:
                 return False
         return True
 
+    def _cut_off_by(self, verdict: Verdict) -> Reason | None:
+        """The reason a verdict's response cuts the caller off (quarantine, revocation), if any.
+
+        Only a response this mediator carries out counts (a responder is wired, not shadow).
+        """
+        if self.responder is None:
+            return None
+        return _CUT_OFF.get(verdict.action)
+
     async def _respond(
         self, verdict: Verdict, principal: Principal, decision_id: str, session: _Session | None
     ) -> None:
@@ -901,6 +923,18 @@ class Mediator:
     ) -> types.CallToolResult:
         decision = refused.decision or Decision.deny(decision_id, *refused.reasons)
         verdict = refused.verdict or Verdict()
+        cut = self._cut_off_by(verdict)
+        if cut is not None and cut not in refused.reasons:
+            # The detectors cut the caller off on this very call: its answer and its record
+            # say so, not only its next call.
+            refused.reasons = (*refused.reasons, cut)
+            decision = Decision.deny(
+                decision_id,
+                *decision.reasons,
+                cut,
+                rule_ids=decision.rule_ids,
+                detail=decision.detail,
+            )
         if not await self._signals(session, principal, decision_id, verdict):
             return self._store_failed(decision_id, principal, started)
         if not await self._record(
