@@ -9,33 +9,13 @@ from pathlib import Path
 
 import anyio
 
+from broker.templates import EXAMPLE_SCOPES
 from broker.testing import DEMO, served_broker
 
 REPO = Path(__file__).resolve().parent.parent
 AGENTS = REPO / "examples" / "agents"
-SCOPES = """\
-[[scope]]
-name = "demo:use"
-description = "All the demo tools"
-[[scope.grant]]
-connector = "demo"
-tools = ["*"]
-
-[[scope]]
-name = "demo:echo"
-description = "Only the demo echo tool, with short texts"
-[[scope.grant]]
-connector = "demo"
-tools = ["echo"]
-args = { text = { max_length = 64 } }
-
-[[scope]]
-name = "demo:math"
-description = "Only the demo add tool"
-[[scope.grant]]
-connector = "demo"
-tools = ["add"]
-"""
+SCOPES = EXAMPLE_SCOPES
+"""The scopes `broker init --examples` writes: the agents are tested against what users get."""
 
 
 def base_env(tmp_path: Path, url: str) -> dict[str, str]:
