@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +36,13 @@ from broker.recorder import Recorder
 from broker.registry import Registry
 from broker.revocations import RevocationCache
 from broker.store import SqlStore
-from broker.store.testing import make_agent, migrated_store, sqlite_url
+from broker.store.testing import (
+    can_make_unwritable,
+    make_agent,
+    migrated_store,
+    sqlite_url,
+    unwritable,
+)
 from connectors import JSONValue, NativeConnector, ToolSet
 from connectors.testing import EchoConnector
 from scopes.definitions import parse_scope_toml
@@ -677,34 +681,6 @@ async def test_quarantine_cancels_the_agents_calls_in_flight(broker: Broker) -> 
 # -- the store --------------------------------------------------------------------------------
 
 
-def _chattr(flag: str, paths: list[Path]) -> None:
-    subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
-
-
-@contextmanager
-def unwritable(db: Path) -> Iterator[None]:
-    """The SQLite file and its write-ahead log refuse writes (root obeys ``chattr +i``)."""
-    paths = [db, db.with_name(db.name + "-wal")]
-    _chattr("+i", paths)
-    try:
-        yield
-    finally:
-        _chattr("-i", paths)
-
-
-def can_make_immutable(folder: Path) -> bool:
-    if shutil.which("chattr") is None:
-        return False
-    probe = folder / "probe"
-    probe.write_text("x")
-    try:
-        _chattr("+i", [probe])
-    except subprocess.CalledProcessError:
-        return False
-    _chattr("-i", [probe])
-    return True
-
-
 @asynccontextmanager
 async def started(front: McpFront, mode: str) -> AsyncIterator[Client]:
     async with client(front, mode) as agent:
@@ -715,12 +691,13 @@ async def started(front: McpFront, mode: str) -> AsyncIterator[Client]:
 async def test_a_store_that_cannot_write_refuses_calls_and_they_never_reach_the_tool(
     broker: Broker, mode: str, tmp_path: Path
 ) -> None:
-    if not can_make_immutable(tmp_path):
+    if not can_make_unwritable(sqlite_url(tmp_path), tmp_path):
         pytest.skip("chattr +i is not available here")
     async with started(broker.front(), mode) as agent:
         assert not (await agent.call_tool("local__echo", {"text": "before"})).is_error
-        with unwritable(broker.db), anyio.fail_after(30):
-            result = await agent.call_tool("local__echo", {"text": "during"})
+        async with unwritable(f"sqlite+aiosqlite:///{broker.db}"):
+            with anyio.fail_after(30):
+                result = await agent.call_tool("local__echo", {"text": "during"})
         after = await agent.call_tool("local__echo", {"text": "after"})
     assert denied(result)[0] == {"store-unavailable"}
     assert [r["text"] for r in broker.seen.received] == ["before", "after"]

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
-import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -23,10 +19,11 @@ from broker.recorder import Recorder
 from broker.store import SqlStore
 from broker.store.errors import Conflict
 from broker.store.testing import (
+    can_make_unwritable,
     migrated_store,
-    postgres_admin_url,
     sqlite_url,
     temporary_postgres_url,
+    unwritable,
 )
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -267,67 +264,10 @@ def test_nonsense_options_are_refused(tmp_path: Path) -> None:
 # --- a real store failure mid-run ----------------------------------------------------------
 
 
-def _chattr(flag: str, paths: list[Path]) -> None:
-    subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
-
-
-@asynccontextmanager
-async def _unwritable(store_url: str) -> AsyncIterator[None]:
-    """Make the database refuse writes for real, and give them back afterwards.
-
-    SQLite: the database file and its write-ahead log become immutable (``chattr +i``; root
-    obeys it; the memory-mapped ``-shm`` index is left alone, as writing an immutable mapping
-    kills the process with SIGBUS). PostgreSQL: the database turns read-only and every
-    session is cut, so the pool's reconnections come back read-only.
-    """
-    if store_url.startswith("sqlite"):
-        db = Path(store_url.split("///", 1)[1])
-        paths = [db, db.with_name(db.name + "-wal")]
-        _chattr("+i", paths)
-        try:
-            yield
-        finally:
-            _chattr("-i", paths)
-        return
-    name = store_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(postgres_admin_url())
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-        await _cut_sessions(admin, name)
-        try:
-            yield
-        finally:
-            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            await _cut_sessions(admin, name)
-    finally:
-        await admin.close()
-
-
-async def _cut_sessions(admin: asyncpg.Connection, name: str) -> None:
-    await admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = $1 AND pid <> pg_backend_pid()",
-        name,
-    )
-
-
-def _can_make_immutable(tmp_path: Path) -> bool:
-    if shutil.which("chattr") is None:
-        return False
-    probe = tmp_path / "probe"
-    probe.write_text("x")
-    try:
-        _chattr("+i", [probe])
-    except subprocess.CalledProcessError:
-        return False
-    _chattr("-i", [probe])
-    return True
-
-
 async def test_a_store_that_cannot_write_fails_every_waiter_loses_nothing_and_recovers(
     store: SqlStore, store_url: str, tmp_path: Path
 ) -> None:
-    if store_url.startswith("sqlite") and not _can_make_immutable(tmp_path):
+    if not can_make_unwritable(store_url, tmp_path):
         pytest.skip("chattr +i is not available here")
     async with _recorder(store) as recorder:
         ids = [await _open(recorder, n) for n in range(4)]
@@ -340,7 +280,7 @@ async def test_a_store_that_cannot_write_fails_every_waiter_loses_nothing_and_re
             except StoreUnavailable as exc:
                 failures.append(exc)
 
-        async with _unwritable(store_url):
+        async with unwritable(store_url):
             with anyio.fail_after(30):
                 async with anyio.create_task_group() as tg:
                     for sid in ids:

@@ -5,6 +5,9 @@
 
     async with migrated_store(sqlite_url(tmp_path)) as store: ...
 
+    if can_make_unwritable(url, tmp_path):
+        async with unwritable(url): ...              # the database refuses writes, for real
+
 The PostgreSQL server is ``BROKER_TEST_POSTGRES_URL`` when set, else
 ``postgresql://postgres@127.0.0.1:5432/test`` (trust auth); a database is created next to it.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -26,6 +31,8 @@ from broker.store.sql import SqlStore, open_store
 
 __all__ = [
     "DEFAULT_POSTGRES_URL",
+    "can_make_unwritable",
+    "unwritable",
     "make_agent",
     "create_migrated_template",
     "create_postgres_database",
@@ -159,4 +166,73 @@ def make_agent(
         max_ttl_seconds=600,
         auth_method="client_secret",
         created_at=created_at or datetime(2026, 11, 23, 12, 0, tzinfo=UTC),
+    )
+
+
+# -- a store that refuses writes ----------------------------------------------------------------
+
+
+def _chattr(flag: str, paths: list[Path]) -> None:
+    chattr = shutil.which("chattr") or "chattr"
+    subprocess.run([chattr, flag, *map(str, paths)], check=True, capture_output=True)  # noqa: S603 - fixed argv, our own paths
+
+
+def _sqlite_files(store_url: str) -> list[Path]:
+    db = Path(store_url.split("///", 1)[1])
+    return [db, db.with_name(db.name + "-wal")]
+
+
+def can_make_unwritable(store_url: str, scratch: Path) -> bool:
+    """Whether `unwritable` works here: always on PostgreSQL; on SQLite only where ``chattr +i``
+    does (root on a filesystem that supports it; ``scratch`` is a folder to probe in)."""
+    if not store_url.startswith("sqlite"):
+        return True
+    if shutil.which("chattr") is None:
+        return False
+    probe = scratch / "chattr-probe"
+    probe.write_text("x")
+    try:
+        _chattr("+i", [probe])
+    except subprocess.CalledProcessError:
+        return False
+    _chattr("-i", [probe])
+    return True
+
+
+@asynccontextmanager
+async def unwritable(store_url: str) -> AsyncIterator[None]:
+    """Make the database refuse writes for real, and give them back afterwards.
+
+    SQLite: the database file and its write-ahead log become immutable (``chattr +i``; root
+    obeys it; the memory-mapped ``-shm`` index is left alone, as writing an immutable mapping
+    kills the process with SIGBUS). PostgreSQL: the database turns read-only and every session
+    is cut (the recorder's own connection included), so reconnections come back read-only.
+    """
+    if store_url.startswith("sqlite"):
+        paths = _sqlite_files(store_url)
+        _chattr("+i", paths)
+        try:
+            yield
+        finally:
+            _chattr("-i", paths)
+        return
+    name = store_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres_admin_url(), timeout=ADMIN_TIMEOUT)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await _cut_sessions(admin, name)
+        try:
+            yield
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await _cut_sessions(admin, name)
+    finally:
+        await admin.close()
+
+
+async def _cut_sessions(admin: asyncpg.Connection, name: str) -> None:
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = $1 AND pid <> pg_backend_pid()",
+        name,
     )

@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
 import sqlite3
-import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -22,7 +18,7 @@ import pytest
 from broker.core.recording import RecordedEvent, SessionRecord
 from broker.errors import StoreUnavailable
 from broker.store import Conflict, SqlStore, open_store
-from broker.store.testing import migrated_store, postgres_admin_url
+from broker.store.testing import can_make_unwritable, migrated_store, unwritable
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
 GENESIS = "0" * 64
@@ -158,13 +154,13 @@ async def test_a_naive_timestamp_is_refused_before_anything_is_written(store: Sq
 async def test_appends_fail_while_the_database_cannot_be_written_and_resume_after(
     store_url: str, tmp_path: Path
 ) -> None:
-    if store_url.startswith("sqlite") and not _can_make_immutable(tmp_path):
+    if not can_make_unwritable(store_url, tmp_path):
         pytest.skip("chattr +i is not available here")
     async with migrated_store(store_url) as store:
         await store.open_session(session("s1"))
         events = chain("s1", 3)
         await store.append_events(events[:1])
-        async with _unwritable(store_url):
+        async with unwritable(store_url):
             for _ in range(2):
                 with pytest.raises(StoreUnavailable) as caught:
                     await store.append_events(events[1:2])
@@ -233,55 +229,3 @@ def _database(store: SqlStore) -> str:
 def _libpq(store: SqlStore) -> str:
     url = store._engine.url  # pyright: ignore[reportPrivateUsage]
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _chattr(flag: str, paths: list[Path]) -> None:
-    subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
-
-
-def _can_make_immutable(folder: Path) -> bool:
-    if shutil.which("chattr") is None:
-        return False
-    probe = folder / "probe"
-    probe.write_text("x")
-    try:
-        _chattr("+i", [probe])
-    except subprocess.CalledProcessError:
-        return False
-    _chattr("-i", [probe])
-    return True
-
-
-@asynccontextmanager
-async def _unwritable(store_url: str) -> AsyncIterator[None]:
-    """SQLite: the file and its write-ahead log immutable (root obeys ``chattr +i``).
-    PostgreSQL: the database read-only and every session cut, the appender's included."""
-    if store_url.startswith("sqlite"):
-        db = Path(store_url.split("///", 1)[1])
-        paths = [db, db.with_name(db.name + "-wal")]
-        _chattr("+i", paths)
-        try:
-            yield
-        finally:
-            _chattr("-i", paths)
-        return
-    name = store_url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(postgres_admin_url())
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-        await _cut_sessions(admin, name)
-        try:
-            yield
-        finally:
-            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            await _cut_sessions(admin, name)
-    finally:
-        await admin.close()
-
-
-async def _cut_sessions(admin: asyncpg.Connection, name: str) -> None:
-    await admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = $1 AND pid <> pg_backend_pid()",
-        name,
-    )
