@@ -82,11 +82,11 @@ from broker.mediation import (
     new_decision_id,
 )
 from broker.ports import Clock
-from broker.principal import PrincipalCache, PrincipalLookup
+from broker.principal import Principal, PrincipalCache, PrincipalLookup
 from broker.registry import Registry, SnapshotChange
 from broker.tool_call_lane import LaneSession, ToolCallLane
 from connectors import CallTimeout, ConnectorError
-from connectors.relay import relaying
+from connectors.relay import CallRelay, relaying
 from scopes.model import ScopeDefinition
 
 __all__ = ["BROKER_VERSION", "McpFront", "denial", "new_decision_id", "terminate_http_session"]
@@ -320,30 +320,23 @@ class McpFront:
         peer: str | None,
     ) -> types.CallToolResult:
         """`call_tool` for a request the lane serves: same mediation, same answers."""
-        try:
-            principal = self._principals.from_access_token(token)
-            call = CallContext(
-                principal=principal,
+
+        def context() -> CallContext:
+            return CallContext(
+                principal=self._principals.from_access_token(token),
                 http_session_id=lane.session_id,
                 protocol_version=lane.protocol_version,
                 transport="http",
                 client_info=lane.client_info,
                 peer=peer,
             )
-        except Exception:
-            decision_id = new_decision_id()
-            logger.exception("identifying a tool call failed", extra={"decision_id": decision_id})
-            return denial(decision_id, Reason.DECISION_ERROR)
-        try:
-            relay = self.relays.relay_for(
+
+        def relay(principal: Principal | None) -> CallRelay | None:
+            return self.relays.relay_for(
                 principal, session=lane.session, request_id=None, legacy=True, key=lane.session_id
             )
-        except Exception:
-            logger.exception("building the call relay failed")
-            relay = None
-        with relaying(relay):
-            result = await self.mediator.call_tool(call, name, arguments)
-        return _for_era(result, lane.protocol_version)
+
+        return await self._mediate(context, relay, name, arguments, lane.protocol_version)
 
     @property
     def session_manager(self) -> StreamableHTTPSessionManager:
@@ -365,21 +358,38 @@ class McpFront:
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        """The one path of a tool call: the MCP request becomes a `CallContext` for mediation."""
+        """A tool call on the SDK's path: the MCP request becomes a `CallContext` for mediation."""
+        return await self._mediate(
+            lambda: self._call_context(ctx),
+            lambda principal: self.relays.call_relay(ctx, principal),
+            params.name,
+            params.arguments,
+            ctx.protocol_version,
+        )
+
+    async def _mediate(
+        self,
+        context: Callable[[], CallContext],
+        relay_for: Callable[[Principal | None], CallRelay | None],
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        protocol_version: str,
+    ) -> types.CallToolResult:
+        """The one path of every tool call, whichever way it arrived (SDK or direct lane)."""
         try:
-            call = self._call_context(ctx)
+            call = context()
         except Exception:
             decision_id = new_decision_id()
             logger.exception("identifying a tool call failed", extra={"decision_id": decision_id})
             return denial(decision_id, Reason.DECISION_ERROR)
         try:
-            relay = self.relays.call_relay(ctx, call.principal)
+            relay = relay_for(call.principal)
         except Exception:
             logger.exception("building the call relay failed")
             relay = None
         with relaying(relay):
-            result = await self.mediator.call_tool(call, params.name, params.arguments)
-        return _for_era(result, ctx.protocol_version)
+            result = await self.mediator.call_tool(call, name, arguments)
+        return _for_era(result, protocol_version)
 
     def _call_context(self, ctx: ServerRequestContext[Any, Any]) -> CallContext:
         principal = self.principal_lookup(ctx)
