@@ -8,9 +8,10 @@ client calls `broker serve`'s `/mcp` with a real token, the echo server running 
 stdio connector. Targets: broker p50 <= x1.3 and throughput >= x0.8 of direct, at each concurrency.
 
 The default era is 2025-11-25. On 2026-07-28 the *direct* target is not a fair denominator here:
-the SDK's own 2026 HTTP server path answers the echo server's calls only after about 48 ms each
-at concurrency 1 on this kind of machine (a stall inside the SDK/uvicorn exchange, not work), so
-the broker looks five times faster than direct. ``--protocol 2026`` still runs it.
+each direct call takes about 48 ms at concurrency 1 on this kind of machine, though the echo
+server answers in about 2.5 ms (strace shows the client's next request arriving ~45 ms after the
+answer: a stall in the SDK client's 2026 exchange with that server, not work), so the broker
+looks five times faster than direct. ``--protocol 2026`` still runs it.
 
 The broker side runs every detector (in shadow mode, with rate thresholds for the bench's known
 workload) and records every call durably: a write-ahead decision event committed before the
