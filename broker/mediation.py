@@ -73,7 +73,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 import mcp.types as types
@@ -117,6 +117,7 @@ __all__ = [
     "CallApprovals",
     "CallContext",
     "CallObserver",
+    "ForwardedCall",
     "CallRecorder",
     "DECISION_META",
     "DetectorResponder",
@@ -325,6 +326,15 @@ class _Token:
         return self._wide
 
 
+class ForwardedCall(NamedTuple):
+    """A call forwarded to a connector and not yet answered: who made it, under which decision."""
+
+    decision_id: str
+    agent_id: str
+    session_id: str | None
+    """The recorded session of the call; None when nothing records (no recorder wired)."""
+
+
 @dataclass(slots=True)
 class _Session:
     agent_id: str
@@ -429,6 +439,8 @@ class Mediator:
         )
         self._inflight: dict[str, set[anyio.CancelScope]] = {}
         self._cut: dict[anyio.CancelScope, Reason] = {}
+        self._forwarded: dict[str, dict[str, ForwardedCall]] = {}
+        """Calls being forwarded, by connector then decision id (for egress attribution)."""
         if isinstance(detectors, DetectorsConfig):
             detectors = DetectorBook(detectors) if detectors.enabled else None
         self.detectors = detectors
@@ -675,6 +687,10 @@ class Mediator:
                 ):
                     return self._store_failed(decision_id, principal, started)
                 sent = time.perf_counter()
+                forwarded = self._forwarded.setdefault(route.connector_id, {})
+                forwarded[decision_id] = ForwardedCall(
+                    decision_id, agent, session.id if session is not None else None
+                )
                 try:
                     result = await route.connector.call_tool(
                         route.tool_name, canonical, progress=call.progress
@@ -698,6 +714,9 @@ class Mediator:
                     )
                 finally:
                     downstream = time.perf_counter() - sent
+                    forwarded.pop(decision_id, None)
+                    if not forwarded:
+                        self._forwarded.pop(route.connector_id, None)
             finally:
                 running = self._inflight.get(agent)
                 if running is not None:
@@ -882,6 +901,10 @@ class Mediator:
             ):
                 return False
         return True
+
+    def forwarded_calls(self, connector_id: str) -> tuple[ForwardedCall, ...]:
+        """The calls this mediator is forwarding to ``connector_id`` right now."""
+        return tuple(self._forwarded.get(connector_id, {}).values())
 
     def _cut_off_by(self, verdict: Verdict) -> Reason | None:
         """The reason a verdict's response cuts the caller off (quarantine, revocation), if any.

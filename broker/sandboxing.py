@@ -7,9 +7,13 @@ egress reaches the network through.
 
 Each egress attempt, allowed or refused, is recorded as an ``egress`` event before any byte goes
 upstream (the proxy awaits the callback, so a recorder that cannot write stops the connection).
-The mediator keeps no per-connector index of in-flight sessions, so the attempt is recorded in
-a session of the connector itself, ``connector:<id>``, opened on first use (its ``agent_id`` is
-that same name); calls in flight at that time are found by time and connector in the record.
+It is recorded in a session of the connector itself, ``connector:<id>``, opened on first use
+(its ``agent_id`` is that same name): the connector's whole network history in one place, with
+the decision ids of the calls being forwarded to it at that moment (``calls``). When exactly one
+call is in flight, the attempt can only be that call's doing, so it is also recorded in the
+calling agent's session under the call's decision id: a reviewer reading what an agent did sees
+what its tools tried to reach. With several calls in flight the attribution stays a candidate
+list, never a guess.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -26,6 +31,7 @@ import anyio
 
 from broker.core.recording import EventKind
 from broker.errors import ConfigError
+from broker.mediation import ForwardedCall
 from broker.registry import connector_configs
 from broker.store.errors import Conflict
 from connectors import EgressEvent, EgressProxy, probe_sandbox
@@ -40,11 +46,16 @@ def connector_session_id(connector_id: str) -> str:
     return f"connector:{connector_id}"
 
 
-class EgressRecorder:
-    """The proxy's ``on_event``: records each attempt in the connector's session."""
+InFlightLookup = Callable[[str], Sequence[ForwardedCall]]
+"""The calls being forwarded to a connector (`broker.mediation.Mediator.forwarded_calls`)."""
 
-    def __init__(self, recorder: Any) -> None:
+
+class EgressRecorder:
+    """The proxy's ``on_event``: records each attempt (see the module docstring)."""
+
+    def __init__(self, recorder: Any, in_flight: InFlightLookup | None = None) -> None:
         self._recorder = recorder
+        self._in_flight = in_flight
         self._opened: set[str] = set()
         self._lock = anyio.Lock()
 
@@ -64,7 +75,16 @@ class EgressRecorder:
             payload["reason"] = event.reason
         if event.method:
             payload["method"] = event.method
-        await self._recorder.record(session_id, EventKind.EGRESS, payload)
+        calls = tuple(self._in_flight(event.connector_id)) if self._in_flight else ()
+        await self._recorder.record(
+            session_id,
+            EventKind.EGRESS,
+            {**payload, "calls": [c.decision_id for c in calls]},
+        )
+        if len(calls) == 1 and calls[0].session_id is not None:
+            await self._recorder.record(
+                calls[0].session_id, EventKind.EGRESS, payload, calls[0].decision_id
+            )
 
     async def _ensure(self, session_id: str) -> None:
         if session_id in self._opened:
@@ -114,4 +134,10 @@ async def start_egress(services: Any, stack: AsyncExitStack) -> EgressProxy:
     socket_dir = tempfile.mkdtemp(prefix="broker-egress-")
     os.chmod(socket_dir, 0o700)
     stack.callback(shutil.rmtree, socket_dir, ignore_errors=True)
-    return EgressProxy(on_event=EgressRecorder(services.recorder), socket_dir=socket_dir)
+    def in_flight(connector_id: str) -> Sequence[ForwardedCall]:
+        # The front (and its mediator) is built after the proxy; until then nothing is in flight.
+        front = services.front
+        return front.mediator.forwarded_calls(connector_id) if front is not None else ()
+
+    recorder = EgressRecorder(services.recorder, in_flight)
+    return EgressProxy(on_event=recorder, socket_dir=socket_dir)

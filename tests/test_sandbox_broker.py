@@ -20,6 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from broker.config import ConnectorConfig, EgressConfig
 from broker.core.recording import EventKind
+from broker.mediation import DECISION_META
 from broker.sandboxing import connector_session_id
 from broker.store.testing import migrated_store
 from broker.testing import ServedBroker, served_broker
@@ -94,6 +95,7 @@ class Box:
     script: Path
     workspace: Path
     token: str
+    agent_id: str
 
     async def call(self, tool: str, arguments: dict[str, str]) -> types.CallToolResult:
         headers = {"authorization": f"Bearer {self.token}"}
@@ -139,7 +141,7 @@ async def served_box(tmp_path: Path) -> AsyncIterator[Box]:
         scopes_toml=SCOPES.format(workspace=workspace),
     ) as broker:
         agent, _secret = await broker.add_agent("boxer", ["box:use"])
-        yield Box(broker, script, workspace, await broker.mint(agent, "box:use"))
+        yield Box(broker, script, workspace, await broker.mint(agent, "box:use"), agent.id)
 
 
 async def test_a_sandboxed_stdio_connector_from_the_config_serves_its_tools(
@@ -165,6 +167,8 @@ async def test_an_egress_attempt_by_a_sandboxed_connector_is_recorded_in_its_ses
         result = await box.call("box__fetch", {"url": "http://127.0.0.1:1/"})
         store = box.broker.services.store
         events = await store.session_events(connector_session_id("box"))
+        [agent_session] = await store.list_sessions(agent_id=box.agent_id)
+        agent_events = await store.session_events(agent_session.id)
 
     assert result.is_error
     egress = [e for e in events if e.kind == EventKind.EGRESS]
@@ -173,6 +177,14 @@ async def test_an_egress_attempt_by_a_sandboxed_connector_is_recorded_in_its_ses
     assert egress[0].payload["allowed"] is False
     assert egress[0].payload["host"] == "127.0.0.1"
     assert egress[0].payload["reason"] == "host-not-allowed"
+    # The only call in flight made it: the attempt is also in the agent's session, under the
+    # call's decision id.
+    decision_id = (result.meta or {})[DECISION_META]
+    assert egress[0].payload["calls"] == [decision_id]
+    in_agents = [e for e in agent_events if e.kind == EventKind.EGRESS]
+    assert [e.decision_id for e in in_agents] == [decision_id]
+    assert in_agents[0].payload["reason"] == "host-not-allowed"
+    assert "calls" not in in_agents[0].payload
 
 
 async def test_a_changed_connector_script_disables_its_tools_until_the_change_is_approved(
