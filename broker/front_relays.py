@@ -129,6 +129,12 @@ class FrontRelays:
             key=self.connection_key(ctx),
         )
 
+    def silent_relay(self, principal: Principal | None) -> CallRelay | None:
+        """A relay that claims the call for its caller but carries nothing back (no stream)."""
+        if principal is None:
+            return None
+        return CallRelay(owner=_owner(principal))
+
     def relay_for(
         self,
         principal: Principal | None,
@@ -199,7 +205,7 @@ class FrontRelays:
             return await _ask(session, request, types.ElicitResult, request_id)
 
         return CallRelay(
-            owner=f"{principal.agent_id}\x00{principal.token_id}",
+            owner=_owner(principal),
             log=log,
             sampling=sampling if legacy else None,
             elicitation=elicitation if legacy else None,
@@ -309,6 +315,11 @@ def _unavailable(what: str) -> types.ErrorData:
     return types.ErrorData(
         code=types.INVALID_REQUEST, message=f"{what} is not available from this agent"
     )
+
+
+def _owner(principal: Principal) -> str:
+    """Whose calls a relay serves: one token of one agent."""
+    return f"{principal.agent_id}\x00{principal.token_id}"
 
 
 async def _ask(

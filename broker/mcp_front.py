@@ -39,7 +39,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import mcp.types as types
@@ -60,6 +60,7 @@ from mcp.server.subscriptions import (
 )
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.inbound import InboundModernRoute, find_invalid_x_mcp_header, x_mcp_header_map
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 
@@ -337,6 +338,48 @@ class McpFront:
             )
 
         return await self._mediate(context, relay, name, arguments, lane.protocol_version)
+
+    def lane_modern_ready(self, name: str) -> bool:
+        """Whether a 2026 call of ``name`` needs nothing of the SDK's path.
+
+        A tool whose schema maps arguments to ``Mcp-Param-*`` headers needs the SDK to check
+        them against the body; none of the broker's connectors declare any today.
+        """
+        schema = self.registry.input_schema(name)
+        if schema is None:
+            return True
+        return find_invalid_x_mcp_header(schema) is None and not x_mcp_header_map(schema)
+
+    async def lane_modern_call(
+        self,
+        token: AccessToken,
+        route: InboundModernRoute,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        peer: str | None,
+    ) -> types.CallToolResult:
+        """`call_tool` for a 2026-era request the lane serves: same mediation, same answers."""
+
+        def context() -> CallContext:
+            return CallContext(
+                principal=self._principals.from_access_token(token),
+                protocol_version=route.protocol_version,
+                transport="http",
+                client_info=_envelope_client_info(route.client_info),
+                peer=peer,
+            )
+
+        def relay(principal: Principal | None) -> CallRelay | None:
+            # No stream to send the agent anything on: downstream logs are dropped and requests
+            # refused, as on the SDK's 2026 path for a request that did not opt in to logging.
+            return self.relays.silent_relay(principal)
+
+        return await self._mediate(context, relay, name, arguments, route.protocol_version)
+
+    @property
+    def server_info_stamp(self) -> dict[str, Any]:
+        """The ``serverInfo`` a 2026-era result carries in its ``_meta``."""
+        return self.server.server_info_stamp
 
     @property
     def session_manager(self) -> StreamableHTTPSessionManager:
@@ -659,6 +702,14 @@ def _peer_host(ctx: ServerRequestContext[Any, Any]) -> str | None:
 def _client_info(ctx: ServerRequestContext[Any, Any]) -> dict[str, Any]:
     """The client's self-description (name, version), as both eras carry it."""
     return _session_client_info(ctx.session)
+
+
+def _envelope_client_info(info: Any) -> dict[str, Any]:
+    """The client's self-description from a 2026 request envelope (name, title, version)."""
+    if not isinstance(info, Mapping):
+        return {}
+    fields = cast("Mapping[str, Any]", info)
+    return {k: fields[k] for k in ("name", "title", "version") if isinstance(fields.get(k), str)}
 
 
 def _session_client_info(session: Any) -> dict[str, Any]:

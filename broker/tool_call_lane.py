@@ -1,41 +1,53 @@
-"""The direct lane for 2025-era ``tools/call`` over HTTP: skips the SDK's server path, no check.
+"""The direct lane for ``tools/call`` over HTTP, both eras: no SDK server path, no check skipped.
 
 Shell adapter (ASGI). Every tool call is mediated by the same `Mediator.call_tool` whichever way
 it arrives; this module only decides *how the HTTP request reaches it*. The SDK's streamable
 HTTP server spends about 2-4 ms of CPU per request on this machine (routing through a session
 task, pydantic validation of every message, an SSE stream with a priming event), which is more
-than the whole mediation pipeline. So a POST that is unambiguously one 2025-era ``tools/call``
-on a live session the caller owns is served here, and answered with one plain JSON response,
-which the streamable HTTP spec allows for any POST. Everything else passes to the SDK app,
-byte for byte (the body is replayed), and so does anything this lane is not sure about: the
-SDK then answers it with its own errors.
+than the whole mediation pipeline. So a POST that is unambiguously one ``tools/call`` the lane
+can serve is served here and answered with one plain JSON response, which the streamable HTTP
+spec allows for any POST. Everything else passes to the SDK app, byte for byte (the body is
+replayed), and so does anything this lane is not sure about: the SDK then answers it with its
+own errors.
 
 The lane serves a request only when all of these hold (checked in this order, cheapest first):
 
 - ``POST`` to the MCP path, ``Content-Type: application/json``, an ``Accept`` naming both
-  ``application/json`` and ``text/event-stream`` (what the SDK requires), a Bearer token, an
-  ``mcp-session-id`` and an ``MCP-Protocol-Version`` of the 2025 era;
+  ``application/json`` and ``text/event-stream`` (what the SDK requires), a Bearer token, and
+  either a 2025-era ``MCP-Protocol-Version`` with an ``mcp-session-id``, or the 2026-07-28
+  version with no session id and no ``Mcp-Param-*`` header;
 - Host and Origin pass the same `TransportSecuritySettings` the SDK enforces;
 - the body fits ``max_body`` and is one JSON-RPC request ``tools/call`` with an id, ``params``
   of only ``name``, ``arguments`` and ``_meta``, and no ``progressToken`` (progress needs the
-  request's own SSE stream: such a call goes to the SDK);
+  request's own SSE stream); on 2026 ``_meta`` holds the envelope only (protocol version,
+  client info and capabilities: a log level needs the SDK's stream too);
+- 2026: the SDK's own request ladder passes (`mcp.shared.inbound.classify_inbound_request`:
+  envelope, ``Mcp-Method``/``Mcp-Name``/version headers agree with the body, no duplicated
+  routing header), and the tool's schema maps no argument to an ``Mcp-Param-*`` header;
 - the token verifies (a refused token goes to the SDK, which answers 401 with
   ``WWW-Authenticate``);
-- the session is live, was opened by the same principal (the SDK's own ownership rule) and has
-  already been seen by the front (its first request after ``initialize`` takes the SDK path).
+- 2025: the session is live, was opened by the same principal (the SDK's own ownership rule)
+  and has already been seen by the front (its first request after ``initialize`` takes the SDK
+  path).
 
 Strict JSON: a body that parses but repeats a key or carries NaN/Infinity is refused here with
 400 and a JSON-RPC parse error naming the problem (design, "What must hold" 4), since the SDK's
 parser would silently keep the last value.
 
-While a call is served here it counts as a request in flight on its session (the SDK must not
-expire a busy session), and a ``notifications/cancelled`` for it (the agent gave up) cancels it
-like the SDK would, answered ``-32800 Request cancelled``. Downstream log messages and
-sampling/elicitation requests during such a call reach the agent on its session's standalone
-stream (there is no per-request stream). A client that disconnects mid-call does not cancel
-it; the result is recorded and dropped, as on the SDK path. A call whose session ended while it
-ran (quarantine closes the agent's sessions) is answered 404 "Session not found", as the SDK
-answers anything on a session that is gone.
+2025 era: while a call is served here it counts as a request in flight on its session (the SDK
+must not expire a busy session), and a ``notifications/cancelled`` for it (the agent gave up)
+cancels it like the SDK would, answered ``-32800 Request cancelled``. Downstream log messages
+and sampling/elicitation requests during such a call reach the agent on its session's
+standalone stream (there is no per-request stream). A client that disconnects mid-call does not
+cancel it (the spec lets it resume); the result is recorded and dropped, as on the SDK path. A
+call whose session ended while it ran (quarantine closes the agent's sessions) is answered 404
+"Session not found", as the SDK answers anything on a session that is gone.
+
+2026 era: a client cancels by closing its connection, so the lane watches for the disconnect
+and cancels the call downstream, answering nothing. Results carry the ``serverInfo`` stamp in
+``_meta`` as the SDK's own path adds it. There is no stream to the agent: downstream log
+messages are dropped and sampling/elicitation refused, as on the SDK's path for a request that
+did not opt in to logging.
 """
 
 from __future__ import annotations
@@ -51,7 +63,18 @@ import mcp.types as types
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http import StreamableHTTPServerTransport
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
-from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from mcp.shared.inbound import (
+    InboundModernRoute,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+)
+from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+)
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -66,6 +89,11 @@ REQUEST_CANCELLED = -32800
 """The SDK's answer to a cancelled 2025-era request (LSP's RequestCancelled)."""
 PARSE_ERROR = -32700
 _PARAMS = frozenset({"name", "arguments", "_meta"})
+_MODERN_META = frozenset(
+    {PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY, CLIENT_CAPABILITIES_META_KEY}
+)
+"""The 2026 envelope; anything more (a log level, a progress token) needs the SDK's stream."""
+_PARAM_HEADER = "mcp-param-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +124,20 @@ class LaneBackend(Protocol):
         peer: str | None,
     ) -> Awaitable[types.CallToolResult]: ...
 
+    def lane_modern_ready(self, name: str) -> bool: ...
+
+    def lane_modern_call(
+        self,
+        token: AccessToken,
+        route: InboundModernRoute,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        peer: str | None,
+    ) -> Awaitable[types.CallToolResult]: ...
+
+    @property
+    def server_info_stamp(self) -> dict[str, Any]: ...
+
 
 class _NotStrict(ValueError):
     pass
@@ -114,6 +156,11 @@ def _no_constants(name: str) -> Any:
     raise _NotStrict(f"{name} is not JSON")
 
 
+def _strict_json(body: bytes) -> Any:
+    """Parse ``body``; `_NotStrict` for what only a lax parser accepts, ValueError if not JSON."""
+    return json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 @dataclass(frozen=True, slots=True)
 class _Call:
     request_id: str | int
@@ -124,6 +171,14 @@ class _Call:
 @dataclass(frozen=True, slots=True)
 class _Cancel:
     request_id: str | int
+
+
+@dataclass(frozen=True, slots=True)
+class _Gate:
+    """What the headers say: the caller's bearer token, and its 2025 session (None on 2026)."""
+
+    token: str
+    session_id: str | None
 
 
 class ToolCallLane:
@@ -144,6 +199,7 @@ class ToolCallLane:
         self.max_body = max_body
         self._security = TransportSecurityMiddleware(security)
         self._inflight: dict[tuple[str, str | int], anyio.CancelScope] = {}
+        """Calls being served: 2025 ones by (session, request id), 2026 ones by ("", object id)."""
         self.served = 0
         """Calls answered by the lane (for tests and metrics)."""
 
@@ -156,8 +212,8 @@ class ToolCallLane:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        raw_token, session_id = _gate(headers, self.max_body)
-        if raw_token is None or session_id is None:
+        gate = _gate(headers, self.max_body)
+        if gate is None:
             await self.app(scope, receive, send)
             return
         if await self._security.validate_request(Request(scope), is_post=True) is not None:
@@ -167,25 +223,36 @@ class ToolCallLane:
         if body is None:
             await self.app(scope, replay, send)
             return
+        modern = gate.session_id is None
         try:
-            message = _classify(
-                json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-            )
+            decoded = _strict_json(body)
         except _NotStrict as exc:
             refusal = _error(None, PARSE_ERROR, f"Parse error: {exc}")
-            await _send_json(send, 400, refusal, session_id)
+            await _send_json(send, 400, refusal, gate.session_id)
             return
         except ValueError:
-            message = None  # not JSON at all: the SDK names the error
-        if isinstance(message, _Cancel):
-            await self._cancel(scope, replay, send, session_id, message)
+            decoded = None  # not JSON at all: the SDK names the error
+        message = _classify(decoded, modern=modern)
+        if gate.session_id is not None and isinstance(message, _Cancel):
+            await self._cancel(scope, replay, send, gate.session_id, message)
             return
-        if message is None:
+        if not isinstance(message, _Call):
             await self.app(scope, replay, send)
             return
-        token = await self.backend.lane_token(raw_token)
-        lane = self.backend.lane_session(session_id, token) if token is not None else None
-        key = (session_id, message.request_id)
+        if gate.session_id is None:
+            route = _modern_route(decoded, scope)
+            if route is None or not self.backend.lane_modern_ready(message.name):
+                await self.app(scope, replay, send)
+                return
+            token = await self.backend.lane_token(gate.token)
+            if token is None:
+                await self.app(scope, replay, send)
+                return
+            await self._serve_modern(receive, send, token, route, message, _peer(scope))
+            return
+        token = await self.backend.lane_token(gate.token)
+        lane = self.backend.lane_session(gate.session_id, token) if token is not None else None
+        key = (gate.session_id, message.request_id)
         if token is None or lane is None or key in self._inflight:
             await self.app(scope, replay, send)
             return
@@ -225,6 +292,48 @@ class ToolCallLane:
             )
         await _send_json(send, 200, body, lane.session_id)
 
+    async def _serve_modern(
+        self,
+        receive: Receive,
+        send: Send,
+        token: AccessToken,
+        route: InboundModernRoute,
+        call: _Call,
+        peer: str | None,
+    ) -> None:
+        """A 2026-era call: the agent cancels it by going away, as the spec says."""
+        result: types.CallToolResult | None = None
+        key = ("", id(call))
+        async with anyio.create_task_group() as group:
+            self._inflight[key] = group.cancel_scope
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch_disconnect)
+            try:
+                result = await self.backend.lane_modern_call(
+                    token, route, call.name, call.arguments, peer
+                )
+            finally:
+                self._inflight.pop(key, None)
+                group.cancel_scope.cancel()
+        self.served += 1
+        if result is None:
+            return  # the agent went away: the 2026 wire answers nothing to a cancelled request
+        wire = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        meta = wire.get("_meta")
+        if isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
+            wire["_meta"] = {**meta, SERVER_INFO_META_KEY: self.backend.server_info_stamp}
+        elif meta is None:
+            wire["_meta"] = {SERVER_INFO_META_KEY: self.backend.server_info_stamp}
+        body = json.dumps(
+            {"jsonrpc": "2.0", "id": call.request_id, "result": wire}, separators=(",", ":")
+        ).encode()
+        await _send_json(send, 200, body, None)
+
     async def _cancel(
         self, scope: Scope, replay: Receive, send: Send, session_id: str, cancel: _Cancel
     ) -> None:
@@ -234,8 +343,8 @@ class ToolCallLane:
             await self.app(scope, replay, send)
             return
         # Only the session's owner may cancel its calls: the same checks as a call.
-        raw_token, _ = _gate(Headers(scope=scope), self.max_body)
-        token = await self.backend.lane_token(raw_token) if raw_token else None
+        gate = _gate(Headers(scope=scope), self.max_body)
+        token = await self.backend.lane_token(gate.token) if gate else None
         if token is None or self.backend.lane_session(session_id, token) is None:
             await self.app(scope, replay, send)
             return
@@ -243,24 +352,41 @@ class ToolCallLane:
         await _send_json(send, 202, b"", session_id)
 
 
-def _gate(headers: Headers, max_body: int) -> tuple[str | None, str | None]:
-    """``(token, session id)`` when the headers allow the lane, else ``(None, None)``."""
-    if headers.get("mcp-protocol-version") not in HANDSHAKE_PROTOCOL_VERSIONS:
-        return None, None
+def _gate(headers: Headers, max_body: int) -> _Gate | None:
+    """The token (and 2025 session) when the headers allow the lane, else None."""
+    version = headers.get("mcp-protocol-version")
     session_id = headers.get("mcp-session-id")
+    if version in HANDSHAKE_PROTOCOL_VERSIONS:
+        if not session_id:
+            return None
+    elif version in MODERN_PROTOCOL_VERSIONS:
+        # Stateless: a session id or Mcp-Param-* headers are the SDK's to judge.
+        if session_id is not None or any(k.startswith(_PARAM_HEADER) for k in headers):
+            return None
+    else:
+        return None
     authorization = headers.get("authorization", "")
-    if not session_id or authorization[:7].lower() != "bearer ":
-        return None, None
+    if authorization[:7].lower() != "bearer ":
+        return None
     if not headers.get("content-type", "").lower().startswith("application/json"):
-        return None, None
+        return None
     accept = [part.split(";")[0].strip().lower() for part in headers.get("accept", "").split(",")]
     if "application/json" not in accept or "text/event-stream" not in accept:
-        return None, None
+        return None
     length = headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_body):
-        return None, None
+        return None
     token = authorization[7:].strip()
-    return (token, session_id) if token else (None, None)
+    return _Gate(token, session_id) if token else None
+
+
+def _modern_route(decoded: Any, scope: Scope) -> InboundModernRoute | None:
+    """The SDK's own 2026 request ladder (envelope, routing headers, version); None if refused."""
+    raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+    if find_duplicated_routing_header(raw) is not None:
+        return None
+    route = classify_inbound_request(decoded, headers={k.lower(): v for k, v in raw})
+    return route if isinstance(route, InboundModernRoute) else None
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, Receive]:
@@ -289,7 +415,7 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, Receiv
     return b"".join(m.get("body", b"") for m in chunks), replay
 
 
-def _classify(message: Any) -> _Call | _Cancel | None:
+def _classify(message: Any, *, modern: bool) -> _Call | _Cancel | None:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         return None
     method = message.get("method")
@@ -312,7 +438,12 @@ def _classify(message: Any) -> _Call | _Cancel | None:
         or not isinstance(name, str)
         or not _PARAMS.issuperset(params)
         or (arguments is not None and not isinstance(arguments, dict))
-        or (meta is not None and (not isinstance(meta, dict) or "progressToken" in meta))
+        or (meta is not None and not isinstance(meta, dict))
+    ):
+        return None
+    allowed_meta = _MODERN_META if modern else None
+    if meta is not None and (
+        "progressToken" in meta or (allowed_meta is not None and not allowed_meta.issuperset(meta))
     ):
         return None
     return _Call(request_id, name, arguments)
@@ -334,8 +465,8 @@ def _error(request_id: str | int | None, code: int, message: str) -> bytes:
     ).encode()
 
 
-async def _send_json(send: Send, status: int, body: bytes, session_id: str) -> None:
-    headers = [(b"mcp-session-id", session_id.encode("latin-1"))]
+async def _send_json(send: Send, status: int, body: bytes, session_id: str | None) -> None:
+    headers = [] if session_id is None else [(b"mcp-session-id", session_id.encode("latin-1"))]
     if body:
         headers += [
             (b"content-type", b"application/json"),

@@ -28,6 +28,7 @@ from connectors import ToolSet
 lane_tools = ToolSet()
 cancelled: list[str] = []
 waiting = anyio.Event()
+gone = anyio.Event()
 
 
 @lane_tools.tool
@@ -38,6 +39,7 @@ async def wait(label: str) -> str:
         await anyio.sleep(60)
     except anyio.get_cancelled_exc_class():
         cancelled.append(label)
+        gone.set()
         raise
     return label
 
@@ -298,3 +300,102 @@ async def test_a_client_that_does_not_accept_both_gets_the_sdk_406(
     async with _broker(tmp_path) as (broker, token), _raw(broker, token) as raw:
         response = await raw.call("lane__shout", {"text": "x"}, Accept=accept)
         assert response.status_code == 406
+
+
+# -- the 2026-07-28 era: stateless requests ------------------------------------------------------
+
+MODERN = "2026-07-28"
+
+
+def _modern_call(name: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw-2026", "version": "1"},
+        **(meta or {}),
+    }
+    params = {"name": name, "arguments": arguments, "_meta": envelope}
+    return json.dumps({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params})
+
+
+def _modern_headers(token: str, name: str, **over: str) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": MODERN,
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": name,
+        **over,
+    }
+
+
+async def test_2026_calls_take_the_lane_and_carry_the_servers_stamp(tmp_path: Path) -> None:
+    async with _broker(tmp_path) as (broker, token):
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers) as http,
+            Client(streamable_http_client(broker.mcp_url, http_client=http), mode=MODERN) as sdk,
+        ):
+            before = _served(broker)
+            result = await sdk.call_tool("lane__shout", {"text": "modern"})
+            assert _served(broker) - before == 1
+        assert result.content == [types.TextContent(type="text", text="MODERN")]
+        assert result.meta is not None
+        assert result.meta[DECISION_META].startswith("dec_")
+        async with httpx2.AsyncClient(timeout=30) as http:
+            raw = await http.post(
+                broker.mcp_url,
+                content=_modern_call("lane__shout", {"text": "x"}),
+                headers=_modern_headers(token, "lane__shout"),
+            )
+        assert raw.status_code == 200
+        assert "mcp-session-id" not in raw.headers
+        stamp = raw.json()["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]
+        assert stamp["name"] == "mcp-authz-broker"
+
+
+async def test_2026_requests_the_lane_does_not_own_get_the_sdks_answers(tmp_path: Path) -> None:
+    async with _broker(tmp_path) as (broker, token), httpx2.AsyncClient(timeout=30) as http:
+        before = _served(broker)
+        mismatch = await http.post(
+            broker.mcp_url,
+            content=_modern_call("lane__shout", {"text": "x"}),
+            headers=_modern_headers(token, "demo__echo"),
+        )
+        assert mismatch.status_code == 400
+        assert mismatch.json()["error"]["code"] == -32020  # the SDK's HEADER_MISMATCH
+        logging_on = await http.post(
+            broker.mcp_url,
+            content=_modern_call(
+                "lane__shout", {"text": "x"}, {"io.modelcontextprotocol/logLevel": "info"}
+            ),
+            headers=_modern_headers(token, "lane__shout"),
+        )
+        assert _sse_result(logging_on)["result"]["content"][0]["text"] == "X"
+        assert _served(broker) == before
+
+
+async def test_a_2026_agent_that_goes_away_cancels_its_call_downstream(tmp_path: Path) -> None:
+    global waiting, gone
+    cancelled.clear()
+    waiting, gone = anyio.Event(), anyio.Event()
+    async with _broker(tmp_path) as (broker, token):
+
+        async def call() -> None:
+            async with httpx2.AsyncClient(timeout=30) as http:
+                await http.post(
+                    broker.mcp_url,
+                    content=_modern_call("lane__wait", {"label": "modern"}),
+                    headers=_modern_headers(token, "lane__wait"),
+                )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            with anyio.fail_after(10):
+                await waiting.wait()
+            assert broker.services.front.http_app().in_flight() == 1
+            tg.cancel_scope.cancel()  # the agent closes its connection
+        with anyio.fail_after(10):
+            await gone.wait()
+        assert cancelled == ["modern"]
