@@ -206,19 +206,26 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
 
 def _redactor(config: BrokerConfig, environ: Mapping[str, str]) -> Any:
     """The record's redactor: the configured HMAC key, and every connector credential as known."""
-    from broker.config import resolve_secret
     from broker.core.redaction import Redactor
-    from broker.keys import ensure_recording_key
 
-    ensure_recording_key(config.recording.hmac_key, config.base_dir)
-    key = resolve_secret(config.recording.hmac_key, environ, config.base_dir)
-    if len(key.encode()) < 16:
-        raise ConfigError("recording.hmac_key: the key must be at least 16 bytes")
     return Redactor(
-        key.encode(),
+        _recording_key(config, environ),
         known=_connector_secrets(config, environ),
         excerpt_chars=config.recording.excerpt_chars,
     )
+
+
+def _recording_key(config: BrokerConfig, environ: Mapping[str, str]) -> bytes:
+    """The recording key (created on first use): the redactor's HMAC key, and the root of the
+    review page's CSRF key."""
+    from broker.config import resolve_secret
+    from broker.keys import ensure_recording_key
+
+    ensure_recording_key(config.recording.hmac_key, config.base_dir)
+    key = resolve_secret(config.recording.hmac_key, environ, config.base_dir).encode()
+    if len(key) < 16:
+        raise ConfigError("recording.hmac_key: the key must be at least 16 bytes")
+    return key
 
 
 def _connector_secrets(config: BrokerConfig, environ: Mapping[str, str]) -> list[str]:
@@ -243,7 +250,11 @@ def _routes(services: Services) -> list[BaseRoute]:
     return [
         *oauth_routes(services.tokens),
         *admin_routes(services, actions=actions, approvals=services.approval_desk),
-        *review_routes(services, actions=actions),
+        *review_routes(
+            services,
+            actions=actions,
+            recording_key=_recording_key(services.config, services.environ),
+        ),
         *metrics_routes(services.metrics),
         Mount("/", app=services.front.http_app()),
     ]

@@ -18,7 +18,14 @@ from broker.core.pinning import PinStatus, ToolPin
 from broker.core.recording import RecordedEvent, SessionRecord
 from broker.core.revocation import IssuedToken, Revocation, RevocationKind
 
-__all__ = ["Clock", "SigningKeyRecord", "Store", "StoredConnector", "SystemClock"]
+__all__ = [
+    "Clock",
+    "ReviewLoginRecord",
+    "SigningKeyRecord",
+    "Store",
+    "StoredConnector",
+    "SystemClock",
+]
 
 
 class Clock(Protocol):
@@ -55,9 +62,21 @@ class StoredConnector:
     created_by: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReviewLoginRecord:
+    """A review-page login as the store keeps it: ``id_hash`` is the SHA-256 (hex) of the
+    cookie's session id, which is never stored."""
+
+    id_hash: str
+    token_id: str
+    created_at: datetime
+    last_seen: datetime
+
+
 class Store(Protocol):
-    """Durable state: agents, admin tokens, signing keys, issued tokens, revocations, budgets,
-    client-assertion jtis, runtime connectors, tool pins, sessions and their events.
+    """Durable state: agents, admin tokens, review-page logins, signing keys, issued tokens,
+    revocations, budgets, client-assertion jtis, runtime connectors, tool pins, sessions and
+    their events.
 
     Every datetime going in must be aware; every datetime coming out is aware UTC. Duplicates
     raise ``broker.store.errors.Conflict`` (a `StoreError`).
@@ -111,6 +130,35 @@ class Store(Protocol):
 
     async def revoke_admin_token(self, token_id: str, at: datetime) -> AdminToken:
         """Mark revoked at ``at`` (kept if already revoked). Raises NotFound."""
+        ...
+
+    # review-page logins (`broker.review.auth` holds the rules: expiry, revocation)
+    async def create_review_login(self, login: ReviewLoginRecord, *, keep: int) -> None:
+        """Add a login, then delete the least recently seen ones beyond the newest ``keep``.
+
+        Raises Conflict on a taken hash.
+        """
+        ...
+
+    async def get_review_login(self, id_hash: str) -> ReviewLoginRecord:
+        """Raises NotFound."""
+        ...
+
+    async def touch_review_login(self, id_hash: str, at: datetime) -> None:
+        """Set ``last_seen`` to ``at``. Raises NotFound (e.g. logged out meanwhile)."""
+        ...
+
+    async def delete_review_login(self, id_hash: str) -> bool:
+        """Whether there was such a login."""
+        ...
+
+    async def delete_review_logins_of(self, token_id: str) -> int:
+        """Delete every login of an admin token; returns how many."""
+        ...
+
+    async def prune_review_logins(self, *, seen_before: datetime, created_before: datetime) -> int:
+        """Delete logins last seen before ``seen_before`` or created before ``created_before``;
+        returns how many."""
         ...
 
     # signing keys (public half; private keys live in files under tokens.keys_dir)

@@ -134,6 +134,7 @@ async def start_egress(services: Any, stack: AsyncExitStack) -> EgressProxy:
     socket_dir = tempfile.mkdtemp(prefix="broker-egress-")
     os.chmod(socket_dir, 0o700)
     stack.callback(shutil.rmtree, socket_dir, ignore_errors=True)
+
     def in_flight(connector_id: str) -> Sequence[ForwardedCall]:
         # The front (and its mediator) is built after the proxy; until then nothing is in flight.
         front = services.front

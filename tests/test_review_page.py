@@ -180,7 +180,8 @@ async def review_env(tmp_path: Path, public_url: str = "http://127.0.0.1:1") -> 
     scope_file.write_text(SCOPES, encoding="utf-8")
     keys = tmp_path / "keys"
     keys.mkdir(exist_ok=True)
-    (keys / "recording.key").write_text(secrets.token_hex(16), encoding="utf-8")
+    recording_key = secrets.token_hex(16)
+    (keys / "recording.key").write_text(recording_key, encoding="utf-8")
     config = BrokerConfig(
         server=ServerConfig(public_url=public_url),
         store=StoreConfig(url=sqlite_url(tmp_path)),
@@ -196,7 +197,7 @@ async def review_env(tmp_path: Path, public_url: str = "http://127.0.0.1:1") -> 
             app = Starlette(
                 routes=[
                     *admin_routes(services, actions=actions),
-                    *review_routes(services, actions=actions),
+                    *review_routes(services, actions=actions, recording_key=recording_key.encode()),
                 ]
             )
             tokens, sessions, agents = await seed(services)

@@ -131,12 +131,12 @@ def _parse_when(text: str, now: datetime) -> datetime:
 
 
 class ReviewPages:
-    """The review pages of one broker process (its login sessions live here)."""
+    """The review pages; their logins live in the store, so any process or replica serves them."""
 
-    def __init__(self, services: Any, actions: AdminActions) -> None:
+    def __init__(self, services: Any, actions: AdminActions, recording_key: bytes) -> None:
         self.services = services
         self.actions = actions
-        self.logins = LoginStore()
+        self.logins = LoginStore(services.store, recording_key)
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -175,18 +175,9 @@ class ReviewPages:
         return HTMLResponse(body, status)
 
     async def login_of(self, request: Request) -> Login:
-        session_id = request.cookies.get(COOKIE_NAME)
-        login = self.logins.get(session_id, self.now())
-        if login is None or session_id is None:
+        login = await self.logins.get(request.cookies.get(COOKIE_NAME), self.now())
+        if login is None:
             raise _ToLogin
-        try:
-            record, _ = await self.store.get_admin_token(login.token_id)
-        except NotFound:
-            record = None
-        if record is None or record.revoked_at is not None:
-            self.logins.drop_token(login.token_id)
-            raise _ToLogin
-        login.role = record.role
         return login
 
     async def form(self, request: Request) -> dict[str, str]:
@@ -261,8 +252,8 @@ class ReviewPages:
             token = await authenticate_admin(self.store, raw, needs=AdminRole.REVIEWER)
         except AdminAuthFailed:
             return self.page("login.html", None, 401, error="That token was not accepted.")
-        self.logins.drop(request.cookies.get(COOKIE_NAME))
-        session_id = self.logins.create(token, self.now())
+        await self.logins.drop(request.cookies.get(COOKIE_NAME))
+        session_id = await self.logins.create(token, self.now())
         response = RedirectResponse("/review/sessions", 303)
         response.set_cookie(
             COOKIE_NAME,
@@ -277,7 +268,7 @@ class ReviewPages:
 
     async def logout(self, request: Request) -> Response:
         await self.guarded_post(request, AdminRole.REVIEWER)
-        self.logins.drop(request.cookies.get(COOKIE_NAME))
+        await self.logins.drop(request.cookies.get(COOKIE_NAME))
         response = RedirectResponse("/review/login", 303)
         response.delete_cookie(
             COOKIE_NAME, path="/review", secure=self.secure_cookie, httponly=True, samesite="strict"
@@ -428,9 +419,15 @@ class ReviewPages:
         await self.page("error.html", None, 404, message="Not found.")(scope, receive, send)
 
 
-def review_routes(services: Any, *, actions: AdminActions | None = None) -> list[BaseRoute]:
-    """The review pages at ``/review``; share ``actions`` with `broker.admin.admin_routes`."""
-    ui = ReviewPages(services, actions or AdminActions(services))
+def review_routes(
+    services: Any, *, recording_key: bytes, actions: AdminActions | None = None
+) -> list[BaseRoute]:
+    """The review pages at ``/review``; share ``actions`` with `broker.admin.admin_routes`.
+
+    ``recording_key`` is the broker's recording key: the CSRF key is derived from it, so every
+    process and replica holding it accepts the same forms.
+    """
+    ui = ReviewPages(services, actions or AdminActions(services), recording_key)
     w = ui.wrap
     router = Router(
         routes=[

@@ -57,7 +57,7 @@ from broker.core.pinning import PinStatus, ToolPin
 from broker.core.recording import RecordedEvent, SessionRecord
 from broker.core.revocation import IssuedToken, Revocation, RevocationKind
 from broker.errors import NotFound, StoreError, StoreUnavailable
-from broker.ports import SigningKeyRecord, StoredConnector
+from broker.ports import ReviewLoginRecord, SigningKeyRecord, StoredConnector
 from broker.store.appender import Advance, open_appender
 from broker.store.errors import Conflict
 from broker.store.tables import (
@@ -68,6 +68,7 @@ from broker.store.tables import (
     ConnectorRow,
     EventRow,
     IssuedTokenRow,
+    ReviewLoginRow,
     RevocationRow,
     SessionRow,
     SigningKeyRow,
@@ -364,6 +365,88 @@ class SqlStore:
                 row.revoked_at = at
             token = _admin_token(row)
         return token
+
+    # review-page logins
+
+    async def create_review_login(self, login: ReviewLoginRecord, *, keep: int) -> None:
+        row = ReviewLoginRow(
+            id_hash=login.id_hash,
+            token_id=login.token_id,
+            created_at=login.created_at,
+            last_seen=login.last_seen,
+        )
+        count = select(func.count()).select_from(ReviewLoginRow)
+        newest = (
+            select(ReviewLoginRow.id_hash)
+            .order_by(ReviewLoginRow.last_seen.desc(), ReviewLoginRow.id_hash)
+            .limit(keep)
+        )
+        async with self._tx(write=True, conflict="that review login already exists") as s:
+            s.add(row)
+            await s.flush()
+            if (await s.scalar(count) or 0) > keep:
+                await s.execute(
+                    delete(ReviewLoginRow).where(ReviewLoginRow.id_hash.not_in(newest)),
+                    execution_options={"synchronize_session": False},
+                )
+
+    async def get_review_login(self, id_hash: str) -> ReviewLoginRecord:
+        async with self._tx(write=False) as s:
+            row = await s.get(ReviewLoginRow, id_hash)
+        if row is None:
+            raise NotFound("no such review login")
+        return ReviewLoginRecord(
+            id_hash=row.id_hash,
+            token_id=row.token_id,
+            created_at=row.created_at,
+            last_seen=row.last_seen,
+        )
+
+    async def touch_review_login(self, id_hash: str, at: datetime) -> None:
+        query = (
+            update(ReviewLoginRow)
+            .where(ReviewLoginRow.id_hash == id_hash)
+            .values(last_seen=at)
+            .returning(ReviewLoginRow.id_hash)
+        )
+        async with self._tx(write=True) as s:
+            if (await s.execute(query)).one_or_none() is None:
+                raise NotFound("no such review login")
+
+    async def delete_review_login(self, id_hash: str) -> bool:
+        query = (
+            delete(ReviewLoginRow)
+            .where(ReviewLoginRow.id_hash == id_hash)
+            .returning(ReviewLoginRow.id_hash)
+        )
+        async with self._tx(write=True) as s:
+            gone = (await s.execute(query)).all()
+        return bool(gone)
+
+    async def delete_review_logins_of(self, token_id: str) -> int:
+        query = (
+            delete(ReviewLoginRow)
+            .where(ReviewLoginRow.token_id == token_id)
+            .returning(ReviewLoginRow.id_hash)
+        )
+        async with self._tx(write=True) as s:
+            gone = (await s.execute(query)).all()
+        return len(gone)
+
+    async def prune_review_logins(self, *, seen_before: datetime, created_before: datetime) -> int:
+        query = (
+            delete(ReviewLoginRow)
+            .where(
+                or_(
+                    ReviewLoginRow.last_seen < seen_before,
+                    ReviewLoginRow.created_at < created_before,
+                )
+            )
+            .returning(ReviewLoginRow.id_hash)
+        )
+        async with self._tx(write=True) as s:
+            gone = (await s.execute(query)).all()
+        return len(gone)
 
     # signing keys
 

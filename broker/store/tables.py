@@ -37,6 +37,7 @@ __all__ = [
     "ConnectorRow",
     "EventRow",
     "IssuedTokenRow",
+    "ReviewLoginRow",
     "RevocationRow",
     "SessionRow",
     "SigningKeyRow",
@@ -126,6 +127,17 @@ class AdminTokenRow(Base):
     secret_hash: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+
+
+class ReviewLoginRow(Base):
+    """A review-page login, keyed by the SHA-256 (hex) of its cookie's id; the id is not kept."""
+
+    __tablename__ = "review_logins"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime]
+    last_seen: Mapped[datetime]
 
 
 class SigningKeyRow(Base):
