@@ -449,7 +449,7 @@ async def test_over_http_a_real_token_lists_and_calls_and_a_bad_one_gets_401(
     verifier = Ed25519Verifier(key, issuer=server.base_url, audience=server.resource_url)
     front = McpFront(broker.registry, SCOPES, verifier=verifier, server_config=server)
     app = Starlette(
-        routes=[Mount("/", app=front.asgi_app())], lifespan=lambda _app: front.lifespan()
+        routes=[Mount("/", app=front.http_app())], lifespan=lambda _app: front.lifespan()
     )
     token = mint(key, server, "tools:use")
     async with serve_app(app) as base:
@@ -477,7 +477,7 @@ async def test_close_sessions_for_ends_an_agents_2025_http_sessions(broker: Brok
     verifier = Ed25519Verifier(key, issuer=server.base_url, audience=server.resource_url)
     front = McpFront(broker.registry, SCOPES, verifier=verifier, server_config=server)
     app = Starlette(
-        routes=[Mount("/", app=front.asgi_app())], lifespan=lambda _app: front.lifespan()
+        routes=[Mount("/", app=front.http_app())], lifespan=lambda _app: front.lifespan()
     )
     async with serve_app(app) as base:
         headers = {"Authorization": f"Bearer {mint(key, server, 'tools:use')}"}

@@ -111,7 +111,7 @@ async def broker_for_the_suite(tmp_path: Path) -> AsyncIterator[str]:
             principal_lookup=suite_principal,
         )
         app = Starlette(
-            routes=[Mount("/", app=front.asgi_app())], lifespan=lambda _app: front.lifespan()
+            routes=[Mount("/", app=front.http_app())], lifespan=lambda _app: front.lifespan()
         )
         async with serve_app(app) as url:
             yield f"{url}/mcp"
