@@ -152,6 +152,8 @@ def format_timestamp(at: datetime) -> str:
 
 
 def _clean_str(s: str) -> str:
+    if s.isascii():
+        return s
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -208,11 +210,23 @@ def canonical_event_bytes(
     Raises:
         ValueError: the payload is not JSON-shaped (see `normalize_json`).
     """
+    return _canonical_bytes(session_id, seq, at, kind, normalize_json(payload), decision_id)
+
+
+def _canonical_bytes(
+    session_id: str,
+    seq: int,
+    at: datetime,
+    kind: str,
+    clean: Any,
+    decision_id: str | None,
+) -> bytes:
+    """`canonical_event_bytes` of a payload `normalize_json` already returned."""
     body = {
         "at": format_timestamp(at),
         "decision_id": decision_id,
         "kind": str(kind),
-        "payload": normalize_json(payload),
+        "payload": clean,
         "seq": seq,
         "session_id": session_id,
     }
@@ -250,7 +264,7 @@ def seal_event(
     if seq < 1:
         raise ValueError(f"seq starts at 1, got {seq}")
     clean: dict[str, Any] = normalize_json(payload)
-    canonical = canonical_event_bytes(session_id, seq, at, kind, clean, decision_id)
+    canonical = _canonical_bytes(session_id, seq, at, kind, clean, decision_id)
     return RecordedEvent(
         session_id=session_id,
         seq=seq,
