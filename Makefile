@@ -75,6 +75,7 @@ run: $(STAMP) sandbox
 	$(BIN)/broker serve --config $(CONFIG)
 
 bench: $(STAMP)
+	$(PY) -m bench.core
 	$(PY) -m bench $(BENCH_ARGS)
 
 demo: $(STAMP) tools

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -155,50 +153,3 @@ def test_a_bad_detectors_section_is_refused(data: dict[str, Any]) -> None:
 def test_arguments_that_are_not_json_fail_closed() -> None:
     with pytest.raises(TypeError):
         precheck(DetectorState(), obs(1, arguments={"x": object()}), T0, Rules(DetectorsConfig()))
-
-
-def test_all_detectors_together_cost_tens_of_microseconds_per_call() -> None:
-    book = DetectorBook(DetectorsConfig())
-    secret = "sk_live_51HqLyjWDarjtT1zdp7dcXa9Qm"
-    book.observe_result(
-        ResultObservation(
-            "d-secret",
-            "agent-a",
-            "task-1",
-            "files",
-            "read",
-            frozenset({Label.PRIVATE}),
-            secrets=(secret,),
-        ),
-        T0,
-    )
-    calls = [
-        obs(
-            i,
-            agent_id=f"agent-{i % 50}",
-            task_id=f"task-{i % 50}",
-            jti=f"jti-{i % 50}",
-            arguments={"path": f"/srv/workspace/project/src/module_{i}.py", "max_bytes": 65536},
-            allowed=i % 25 != 0,
-            reasons=frozenset() if i % 25 else frozenset({Reason.CONSTRAINT_VIOLATED}),
-            labels=frozenset({Label.EGRESS}) if i % 10 == 0 else frozenset({Label.PRIVATE}),
-        )
-        for i in range(5000)
-    ]
-    nows = [T0 + timedelta(seconds=i * 0.5) for i in range(len(calls))]
-    best = float("inf")
-    for _ in range(3):
-        book = DetectorBook(DetectorsConfig())
-        started = time.perf_counter()
-        for o, now in zip(calls, nows, strict=True):
-            book.precheck(o, now)
-        best = min(best, (time.perf_counter() - started) / len(calls) * 1e6)
-    # A yardstick for how loaded the machine is: one canonical JSON encoding of the arguments.
-    started = time.perf_counter()
-    for o in calls[:1000]:
-        json.dumps(o.arguments, sort_keys=True, separators=(",", ":"))
-    yardstick = (time.perf_counter() - started) / 1000 * 1e6
-    print(
-        f"\ndetectors: {best:.1f} µs per call (precheck); json.dumps yardstick {yardstick:.1f} µs"
-    )
-    assert best < max(500.0, 50 * yardstick)

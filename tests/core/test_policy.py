@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -210,36 +209,6 @@ def test_visible_lists_only_reachable_tools_in_order() -> None:
         ("files", "read_text_file"),
         ("files", "list_directory"),
     ]
-
-
-def test_decide_costs_under_twenty_microseconds_for_a_token_with_ten_grants() -> None:
-    toml = "\n".join(
-        f"""
-[[scope]]
-name = "s{i}"
-[[scope.grant]]
-connector = "c{i}"
-tools = ["t_*", "u{i}"]
-args = {{ path = {{ within = "/srv/ws{i}" }}, mode = {{ one_of = ["r", "w"] }} }}
-"""
-        for i in range(10)
-    )
-    defs = parse_scope_toml(toml, source="bench.toml")
-    p = TokenPolicy(defs)
-    req = AccessRequest(
-        "dec_x", "c9", "t_read", {"path": "/srv/ws9/a/b.txt", "mode": "r"}, p, PinStatus.APPROVED
-    )
-    assert decide(req).decision.allowed
-    n = 2000
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(n):
-            decide(req)
-        best = min(best, (time.perf_counter() - start) / n)
-    # Reported in the issue note; asserted loosely so a loaded CI machine cannot flake it.
-    print(f"decide(): {best * 1e6:.1f} µs per call with ten grants")
-    assert best < 200e-6
 
 
 # --- the reference model -------------------------------------------------------------------
