@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,15 @@ import mcp.types as types
 import pytest
 from mcp import Client, MCPError
 from mcp.client.session import ClientRequestContext
-from mcp.server import ServerRequestContext
 
 from broker.event_store import BoundedEventStore
 from broker.mcp_front import McpFront
-from broker.principal import Principal
 from broker.registry import Registry
 from broker.store.testing import migrated_store, sqlite_url
 from connectors import StdioSpec, open_connector
 from connectors.relay import CallRelay, InFlight
 from scopes.definitions import parse_scope_toml
+from tests.callers import Caller, principal
 from tests.test_mcp_front import approve_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,20 +51,6 @@ args = { text = { max_length = 5 } }
 )
 
 
-def principal(*scopes: str, agent: str = "agent-1") -> Principal:
-    return Principal(
-        agent_id=agent, client_id=agent, scopes=frozenset(scopes), token_id="t" * 22, task_id="t1"
-    )
-
-
-@dataclass
-class Caller:
-    who: Principal | None = field(default_factory=lambda: principal("conf:all"))
-
-    def lookup(self, _ctx: ServerRequestContext[Any, Any]) -> Principal | None:
-        return self.who
-
-
 @dataclass
 class Conf:
     front: McpFront
@@ -83,7 +68,7 @@ async def conf(tmp_path: Path) -> AsyncIterator[Conf]:
     async with migrated_store(sqlite_url(tmp_path)) as store:
         registry = Registry(store, pin_poll_interval=60)
         registry.add(open_connector(spec), prefix="")
-        caller = Caller()
+        caller = Caller(principal("conf:all"))
         front = McpFront(registry, SCOPES, principal_lookup=caller.lookup)
         async with registry:
             await approve_all(store, registry)

@@ -37,6 +37,7 @@ from broker.testing import serve_app
 from connectors import NativeConnector, Progress, StdioSpec, ToolSet, open_connector
 from connectors.testing import EchoConnector
 from scopes.definitions import parse_scope_toml
+from tests.callers import Caller, principal
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parent.parent
@@ -69,22 +70,6 @@ args = { text = { max_length = 5 } }
 """,
     source="test",
 )
-
-
-def principal(*scopes: str, agent: str = "agent-1") -> Principal:
-    return Principal(
-        agent_id=agent, client_id=agent, scopes=frozenset(scopes), token_id="t" * 22, task_id="t1"
-    )
-
-
-@dataclass
-class Caller:
-    """Who the in-process client is; tests change it between requests."""
-
-    who: Principal | None = None
-
-    def lookup(self, _ctx: ServerRequestContext[Any, Any]) -> Principal | None:
-        return self.who
 
 
 @dataclass

@@ -19,7 +19,6 @@ import anyio
 import mcp.types as types
 import pytest
 from mcp import Client
-from mcp.server import ServerRequestContext
 
 from broker.config import LimitsConfig, OutputConfig
 from broker.core.decision import Reason
@@ -46,6 +45,7 @@ from broker.store.testing import (
 from connectors import JSONValue, NativeConnector, ToolSet
 from connectors.testing import EchoConnector
 from scopes.definitions import parse_scope_toml
+from tests.callers import Caller
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 ERAS = ["legacy", "2026-07-28"]
@@ -131,14 +131,6 @@ def claims(
 
 def as_principal(payload: dict[str, Any]) -> Principal:
     return Principal.from_claims(payload)
-
-
-@dataclass
-class Caller:
-    who: Principal | None
-
-    def lookup(self, _ctx: ServerRequestContext[Any, Any]) -> Principal | None:
-        return self.who
 
 
 @dataclass

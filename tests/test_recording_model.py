@@ -38,7 +38,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from mcp import Client
-from mcp.server import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from broker.config import LimitsConfig
@@ -55,6 +54,7 @@ from broker.store import SqlStore
 from broker.store.testing import make_agent, migrated_store, sqlite_url
 from connectors import NativeConnector, ToolSet
 from scopes.definitions import parse_scope_toml
+from tests.callers import Caller
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 ERAS = ("legacy", "2026-07-28")
@@ -148,14 +148,6 @@ class Clock:
 
     def now(self) -> datetime:
         return self.at
-
-
-@dataclass
-class Caller:
-    who: Principal
-
-    def lookup(self, _ctx: ServerRequestContext[Any, Any]) -> Principal | None:
-        return self.who
 
 
 # -- the model -----------------------------------------------------------------------------------
