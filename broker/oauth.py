@@ -12,6 +12,12 @@ Shell adapter: HTTP in, `broker.agents` and `broker.token_service` do the work. 
   ``expires_in``, ``authorization_details``, ``budget``, ``purpose``. Errors are RFC 6749 §5.2
   JSON; ``invalid_client`` is 401 with ``WWW-Authenticate: Basic`` when Basic was used, else 400.
   Every answer carries ``Cache-Control: no-store``; an unexpected failure is ``server_error``.
+- ``POST /oauth/revoke`` (RFC 7009): an agent revokes a token issued to it (or delegated from
+  one of its own), and with it every token delegated from that one. Same form rules and client
+  authentication as the token endpoint; ``token`` is required, ``token_type_hint`` is accepted
+  and ignored (the broker issues access tokens only). A token that does not verify (malformed,
+  expired, foreign) is answered 200 like a revoked one, as RFC 7009 §2.2 says; a valid token of
+  another agent is refused with ``unauthorized_client`` and stays valid.
 - ``GET /.well-known/oauth-authorization-server`` (RFC 8414), ``GET /.well-known/jwks.json``,
   ``GET /.well-known/oauth-protected-resource[/mcp]`` (RFC 9728), and ``GET /oauth/authorize``,
   which only says that no authorization-endpoint flow exists (the SDK's metadata model needs an
@@ -32,12 +38,14 @@ from starlette.routing import Route
 
 from broker.agents import authenticate_client
 from broker.approvals import AuthorizationPending
-from broker.errors import ClientAuthFailed, OAuthError, StoreUnavailable
+from broker.core.tokens import TokenRejected
+from broker.errors import ClientAuthFailed, NotFound, OAuthError, StoreUnavailable
 from broker.token_service import TokenService
 
 __all__ = [
     "EXCHANGE_GRANT",
     "MAX_TOKEN_REQUEST_BYTES",
+    "REVOKE_PATH",
     "TOKEN_PATH",
     "authorization_server_metadata",
     "oauth_routes",
@@ -47,6 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TOKEN_PATH = "/oauth/token"
+REVOKE_PATH = "/oauth/revoke"
 AUTHORIZE_PATH = "/oauth/authorize"
 JWKS_PATH = "/.well-known/jwks.json"
 EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -79,6 +88,13 @@ def authorization_server_metadata(service: TokenService) -> dict[str, Any]:
             "private_key_jwt",
         ],
         "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256"],
+        "revocation_endpoint": issuer + REVOKE_PATH,
+        "revocation_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+            "private_key_jwt",
+        ],
+        "revocation_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256"],
         "authorization_details_types_supported": ["tool_call", "data_flow"],
     }
 
@@ -107,7 +123,7 @@ def _error(
 async def _read_form(request: Request, limit: int) -> dict[str, str]:
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != _FORM:
-        raise _BadRequest("invalid_request", f"the token endpoint accepts {_FORM} only")
+        raise _BadRequest("invalid_request", f"this endpoint accepts {_FORM} only")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise _BadRequest("invalid_request", f"request body larger than {limit} bytes", 413)
@@ -220,6 +236,33 @@ async def _grant(service: TokenService, request: Request, form: Mapping[str, str
     return JSONResponse(granted.to_json(), headers=_NO_STORE)
 
 
+async def _revoke(service: TokenService, request: Request, form: Mapping[str, str]) -> Response:
+    agent = await authenticate_client(
+        service.store,
+        form,
+        request.headers,
+        token_endpoint_url=service.issuer + REVOKE_PATH,
+        issuer=service.issuer,
+        now=service.clock.now(),
+    )
+    raw = form.get("token")
+    if raw is None:
+        raise _BadRequest("invalid_request", "token is required")
+    try:
+        claims = service.verifier.verify_claims(raw)
+    except TokenRejected:
+        # RFC 7009 §2.2: an invalid token (expired, malformed, not ours) is not an error.
+        return Response(status_code=200, headers=_NO_STORE)
+    if agent.id not in (claims.client_id, claims.sub):
+        raise _BadRequest("unauthorized_client", "the token was not issued to this client")
+    try:
+        await service.revoke_token(claims.jti, reason="revoked by its holder", actor=agent.id)
+    except NotFound:
+        # Signed by us but never recorded as issued: nothing live to revoke.
+        return Response(status_code=200, headers=_NO_STORE)
+    return Response(status_code=200, headers=_NO_STORE)
+
+
 def _invalid_client(request: Request) -> Response:
     # RFC 6749 §5.2: 401 with a matching challenge when the client used the Authorization
     # header; otherwise 400 (a 401 without WWW-Authenticate would break HTTP semantics).
@@ -265,6 +308,25 @@ def oauth_routes(
             logger.exception("token endpoint failed")
             return _error("server_error", "internal error", 500)
 
+    async def revoke(request: Request) -> Response:
+        try:
+            form = await _read_form(request, max_body_bytes)
+            return await _revoke(service, request, form)
+        except _BadRequest as exc:
+            return _error(exc.error, exc.description, exc.status)
+        except ClientAuthFailed:
+            return _invalid_client(request)
+        except OAuthError as exc:
+            if exc.error == "invalid_client":
+                return _invalid_client(request)
+            return _error(exc.error, exc.description, exc.status)
+        except StoreUnavailable:
+            logger.exception("revocation endpoint: store unavailable")
+            return _error("server_error", "the broker cannot revoke tokens right now", 503)
+        except Exception:
+            logger.exception("revocation endpoint failed")
+            return _error("server_error", "internal error", 500)
+
     async def authorize(request: Request) -> Response:
         return _error(
             "unsupported_response_type",
@@ -289,6 +351,7 @@ def oauth_routes(
 
     return [
         Route(TOKEN_PATH, token, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        Route(REVOKE_PATH, revoke, methods=["POST"]),
         Route(AUTHORIZE_PATH, authorize, methods=["GET", "POST"]),
         Route("/.well-known/oauth-authorization-server", as_metadata, methods=["GET"]),
         Route(JWKS_PATH, jwks, methods=["GET"]),

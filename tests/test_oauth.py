@@ -745,3 +745,80 @@ async def test_revoking_a_task_or_an_agent_refuses_their_tokens(
         assert await broker.mcp_status(other_task) == 200
         await broker.service.revoke_agent("bot", reason="rotate", actor="test")
         assert await broker.mcp_status(other_task) == 401
+
+
+# RFC 7009: an agent revokes its own tokens ---------------------------------------------------
+
+
+async def _post_revoke(
+    broker: Broker, form: dict[str, str], client: tuple[str, str] | None
+) -> httpx2.Response:
+    headers: dict[str, str] = {}
+    if client is not None:
+        raw = base64.b64encode(f"{client[0]}:{client[1]}".encode()).decode()
+        headers["authorization"] = f"Basic {raw}"
+    async with httpx2.AsyncClient(timeout=10) as http:
+        return await http.post(broker.url + "/oauth/revoke", data=form, headers=headers)
+
+
+async def test_an_agent_revokes_its_own_token_and_the_tokens_delegated_from_it(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    async with running(store, tmp_path) as broker:
+        planner, p_secret = await broker.add_agent("planner", ["files:read"])
+        await broker.add_agent("reader", ["files:read"])
+        other = await broker.token_for((planner.id, p_secret), "files:read")
+        token = await broker.token_for((planner.id, p_secret), "files:read")
+        exchanged = await broker.post_token(
+            _exchange_form(token, "reader"), client=(planner.id, p_secret)
+        )
+        child = exchanged.json()["access_token"]
+        assert await broker.mcp_status(child) == 200
+
+        done = await _post_revoke(
+            broker, {"token": token, "token_type_hint": "access_token"}, (planner.id, p_secret)
+        )
+        assert done.status_code == 200
+        assert done.headers["cache-control"] == "no-store"
+        assert await broker.mcp_status(token) == 401
+        assert await broker.mcp_status(child) == 401
+        assert await broker.mcp_status(other) == 200  # only what was revoked
+        revocations = await broker.store.revocations_since(0)
+        assert [(r.actor, r.reason) for r in revocations] == [(planner.id, "revoked by its holder")]
+        # Revoking again, or a token that is not one, is not an error (RFC 7009 §2.2).
+        assert (
+            await _post_revoke(broker, {"token": token}, (planner.id, p_secret))
+        ).status_code == 200
+        junk = await _post_revoke(broker, {"token": "not-a-token"}, (planner.id, p_secret))
+        assert junk.status_code == 200
+
+
+async def test_a_token_of_another_agent_cannot_be_revoked_by_it(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    async with running(store, tmp_path) as broker:
+        owner, o_secret = await broker.add_agent("owner", ["files:read"])
+        other, x_secret = await broker.add_agent("other", ["files:read"])
+        token = await broker.token_for((owner.id, o_secret), "files:read")
+        refused = await _post_revoke(broker, {"token": token}, (other.id, x_secret))
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "unauthorized_client"
+        assert await broker.mcp_status(token) == 200
+        anonymous = await _post_revoke(broker, {"token": token}, None)
+        assert anonymous.status_code == 400
+        assert anonymous.json()["error"] == "invalid_client"
+        wrong = await _post_revoke(broker, {"token": token}, (owner.id, "wrong-secret"))
+        assert wrong.status_code == 401
+        assert wrong.headers["www-authenticate"].startswith("Basic")
+        missing = await _post_revoke(
+            broker, {"token_type_hint": "access_token"}, (owner.id, o_secret)
+        )
+        assert missing.json()["error_description"] == "token is required"
+        assert await broker.mcp_status(token) == 200
+
+
+async def test_the_metadata_names_the_revocation_endpoint(store: SqlStore, tmp_path: Path) -> None:
+    async with running(store, tmp_path) as broker, httpx2.AsyncClient(timeout=10) as http:
+        meta = (await http.get(broker.url + "/.well-known/oauth-authorization-server")).json()
+    assert meta["revocation_endpoint"] == broker.url + "/oauth/revoke"
+    assert "private_key_jwt" in meta["revocation_endpoint_auth_methods_supported"]
