@@ -256,7 +256,9 @@ async def _revoke(service: TokenService, request: Request, form: Mapping[str, st
     if agent.id not in (claims.client_id, claims.sub):
         raise _BadRequest("unauthorized_client", "the token was not issued to this client")
     try:
-        await service.revoke_token(claims.jti, reason="revoked by its holder", actor=agent.id)
+        await service.revoke_token(
+            claims.jti, reason="revoked by its holder", actor=f"agent:{agent.id}"
+        )
     except NotFound:
         # Signed by us but never recorded as issued: nothing live to revoke.
         return Response(status_code=200, headers=_NO_STORE)

@@ -55,10 +55,13 @@ async def test_the_task_agent_gets_a_narrow_token_for_its_purpose_and_calls_insi
             env,
         )
         [issued] = await broker.services.store.list_tokens(agent_id=agent.id)
+        given_back = await broker.services.store.revocations_since(0)
     assert code == 0, out + err
+    assert [(r.subject, r.actor) for r in given_back] == [(issued.jti, f"agent:{agent.id}")]
     assert "task tsk_greeting: token for 'demo:echo'" in out
     assert "reachable tools: demo__echo\n" in out
     assert "demo__echo -> hello, narrowly" in out
+    assert "task tsk_greeting: done, token revoked" in out
     assert (issued.scopes, issued.task_id, issued.purpose) == (
         ("demo:echo",),
         "tsk_greeting",

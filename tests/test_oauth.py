@@ -784,7 +784,9 @@ async def test_an_agent_revokes_its_own_token_and_the_tokens_delegated_from_it(
         assert await broker.mcp_status(child) == 401
         assert await broker.mcp_status(other) == 200  # only what was revoked
         revocations = await broker.store.revocations_since(0)
-        assert [(r.actor, r.reason) for r in revocations] == [(planner.id, "revoked by its holder")]
+        assert [(r.actor, r.reason) for r in revocations] == [
+            (f"agent:{planner.id}", "revoked by its holder")
+        ]
         # Revoking again, or a token that is not one, is not an error (RFC 7009 §2.2).
         assert (
             await _post_revoke(broker, {"token": token}, (planner.id, p_secret))
