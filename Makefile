@@ -17,7 +17,7 @@ help:
 	@echo "make run    start the broker on 127.0.0.1:8765 (SQLite, example connectors)"
 	@echo "make test   ruff, pyright and the whole test suite"
 	@echo "make lint   ruff format check and ruff lint only"
-	@echo "make bench  measure the broker's cost per tool call against a direct connection"
+	@echo "make bench  the pure core's cost per call, then the broker's against a direct connection"
 	@echo "make demo   a good, a delegating and a rogue agent against a fresh broker"
 
 $(STAMP): pyproject.toml
