@@ -2,6 +2,7 @@
 
     python -m bench [--target both|direct|broker] [--calls 500] [--rounds 3]
                     [--protocol 2025|2026] [--concurrency 1 --concurrency 16] [--json] [--check]
+                    [--sandbox auto|required|off] [--store sqlite|postgres]
 
 *direct*: an `mcp.Client` calls the echo server's own streamable HTTP endpoint. *broker*: the same
 client calls `broker serve`'s `/mcp` with a real token, the echo server running behind it as a
@@ -30,12 +31,14 @@ from typing import Any
 import anyio
 
 from bench.harness import (
+    SQLITE_STORE,
     BenchConfig,
     Series,
     broker_endpoint,
     direct_endpoint,
     run_bench,
 )
+from broker.store.testing import temporary_postgres_url
 
 P50_TARGET = 1.3
 THROUGHPUT_TARGET = 0.8
@@ -85,13 +88,16 @@ def _print_table(config: BenchConfig, series: list[Series], ratios: list[dict[st
         )
 
 
-async def _run(target: str, config: BenchConfig, sandbox: str) -> list[Series]:
+async def _run(target: str, config: BenchConfig, sandbox: str, store: str) -> list[Series]:
     async with AsyncExitStack() as stack:
         endpoints = []
         if target in ("both", "direct"):
             endpoints.append(await stack.enter_async_context(direct_endpoint()))
         if target in ("both", "broker"):
-            broker = broker_endpoint(config.protocol, sandbox)
+            store_url = SQLITE_STORE
+            if store == "postgres":
+                store_url = await stack.enter_async_context(temporary_postgres_url())
+            broker = broker_endpoint(config.protocol, sandbox, store_url)
             endpoints.append(await stack.enter_async_context(broker))
         return await run_bench(endpoints, config)
 
@@ -121,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the echo connector's sandbox mode behind the broker",
     )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the broker's store: a SQLite file (default), or a fresh database on the "
+        "PostgreSQL the tests use (BROKER_TEST_POSTGRES_URL, else 127.0.0.1:5432), dropped after",
+    )
     options = parser.parse_args(argv)
     config = BenchConfig(
         calls=options.calls,
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=options.protocol,
         warmup=options.warmup,
     )
-    series = anyio.run(_run, options.target, config, options.sandbox)
+    series = anyio.run(_run, options.target, config, options.sandbox, options.store)
     ratios = _ratios(series)
     if options.json:
         document = {

@@ -144,7 +144,7 @@ host = "127.0.0.1"
 port = {port}
 
 [store]
-url = "sqlite+aiosqlite:///broker.db"
+url = "{store_url}"
 
 [tokens]
 keys_dir = "keys"
@@ -187,11 +187,19 @@ tools = ["echo"]
 """
 
 
-def _broker_cli(workdir: Path, *args: str) -> str:
+SQLITE_STORE = "sqlite+aiosqlite:///broker.db"
+"""The bench broker's default store: a SQLite file in its working folder."""
+
+
+def _broker_cli(workdir: Path, *args: str, store_url: str | None = None) -> str:
+    """Run ``broker ARGS --config workdir/broker.toml``; ``store_url`` overrides the store."""
     broker = Path(sys.executable).parent / "broker"
     command = [str(broker), *args, "--config", str(workdir / "broker.toml")]
+    env = dict(os.environ)
+    if store_url is not None:
+        env["BROKER_STORE__URL"] = store_url
     done = subprocess.run(
-        command, cwd=workdir, capture_output=True, text=True, timeout=60, check=False
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=60, check=False
     )
     if done.returncode != 0:
         raise RuntimeError(
@@ -209,12 +217,17 @@ def _broker_workdir() -> Iterator[Path]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def prepare_broker(workdir: Path, port: int, sandbox: str = "auto") -> str:
+def prepare_broker(
+    workdir: Path, port: int, sandbox: str = "auto", store_url: str = SQLITE_STORE
+) -> str:
     """Write broker.toml and scopes, init the store and keys, register an agent; return a token."""
-    _broker_cli(workdir, "init")
+    # `init` writes its own broker.toml (replaced below); the override puts its keys in our store.
+    _broker_cli(workdir, "init", store_url=store_url)
     (workdir / "scopes.toml").write_text(BENCH_SCOPES)
     (workdir / "broker.toml").write_text(
-        BROKER_TOML.format(port=port, python=sys.executable, repo=REPO, sandbox=sandbox)
+        BROKER_TOML.format(
+            port=port, python=sys.executable, repo=REPO, sandbox=sandbox, store_url=store_url
+        )
     )
     _broker_cli(
         workdir,
@@ -278,15 +291,18 @@ async def _wait_tool_visible(endpoint: Endpoint, mode: str, workdir: Path) -> No
 
 
 @asynccontextmanager
-async def broker_endpoint(protocol: str, sandbox: str = "auto") -> AsyncIterator[Endpoint]:
+async def broker_endpoint(
+    protocol: str, sandbox: str = "auto", store_url: str = SQLITE_STORE
+) -> AsyncIterator[Endpoint]:
     """`broker serve` in a child process fronting the echo server as a stdio connector.
 
     ``sandbox`` is the echo connector's sandbox mode: ``auto`` (jailed where the platform
-    allows, the default for every stdio connector), ``required`` or ``off``.
+    allows, the default for every stdio connector), ``required`` or ``off``. ``store_url`` is
+    the broker's store (a SQLite file in its folder by default).
     """
     with _broker_workdir() as workdir:
         port = _free_port()
-        token = await anyio.to_thread.run_sync(prepare_broker, workdir, port, sandbox)
+        token = await anyio.to_thread.run_sync(prepare_broker, workdir, port, sandbox, store_url)
         broker = Path(sys.executable).parent / "broker"
         env = {**os.environ, "BROKER_LOG_LEVEL": "WARNING"}
         command = [str(broker), "serve", "--config", str(workdir / "broker.toml")]
