@@ -230,8 +230,8 @@ class ToolCallLane:
             refusal = _error(None, PARSE_ERROR, f"Parse error: {exc}")
             await _send_json(send, 400, refusal, gate.session_id)
             return
-        except ValueError:
-            decoded = None  # not JSON at all: the SDK names the error
+        except (ValueError, RecursionError):
+            decoded = None  # not JSON at all (or nested past Python's limit): the SDK names it
         message = _classify(decoded, modern=modern)
         if gate.session_id is not None and isinstance(message, _Cancel):
             await self._cancel(scope, replay, send, gate.session_id, message)

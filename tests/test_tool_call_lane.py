@@ -224,6 +224,9 @@ async def test_a_body_with_a_duplicate_key_is_refused_by_name(tmp_path: Path) ->
         error = response.json()["error"]
         assert error["code"] == -32700
         assert "duplicate key 'text'" in error["message"]
+        nested = await raw.post("[" * 100_000 + "]" * 100_000)
+        assert nested.status_code == 400
+        assert nested.json()["error"]["code"] == -32700  # the SDK's parse error, not a crash
         nan = await raw.post(
             '{"jsonrpc":"2.0","id":4,"method":"tools/call",'
             '"params":{"name":"demo__add","arguments":{"a":NaN,"b":1}}}'
