@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -265,6 +265,36 @@ async def _revoke(service: TokenService, request: Request, form: Mapping[str, st
     return Response(status_code=200, headers=_NO_STORE)
 
 
+async def _answer(
+    request: Request,
+    work: Callable[[dict[str, str]], Awaitable[Response]],
+    max_body_bytes: int,
+    endpoint: str,
+    unavailable: str,
+) -> Response:
+    """Read the form, do ``work``, and map every failure to its RFC 6749 §5.2 answer."""
+    try:
+        form = await _read_form(request, max_body_bytes)
+        return await work(form)
+    except _BadRequest as exc:
+        return _error(exc.error, exc.description, exc.status)
+    except ClientAuthFailed:
+        return _invalid_client(request)
+    except AuthorizationPending as exc:
+        body = {"error": exc.error, "error_description": exc.description, **exc.extra}
+        return JSONResponse(body, 400, headers=_NO_STORE)
+    except OAuthError as exc:
+        if exc.error == "invalid_client":
+            return _invalid_client(request)
+        return _error(exc.error, exc.description, exc.status)
+    except StoreUnavailable:
+        logger.exception("%s endpoint: store unavailable", endpoint)
+        return _error("server_error", f"the broker cannot {unavailable} right now", 503)
+    except Exception:
+        logger.exception("%s endpoint failed", endpoint)
+        return _error("server_error", "internal error", 500)
+
+
 def _invalid_client(request: Request) -> Response:
     # RFC 6749 §5.2: 401 with a matching challenge when the client used the Authorization
     # header; otherwise 400 (a 401 without WWW-Authenticate would break HTTP semantics).
@@ -289,45 +319,22 @@ def oauth_routes(
             # Answered here rather than by routing, so a catch-all mount behind us cannot.
             return _error("invalid_request", "the token endpoint accepts POST only", 405,
                           {"Allow": "POST"})  # fmt: skip
-        try:
-            form = await _read_form(request, max_body_bytes)
-            return await _grant(service, request, form)
-        except _BadRequest as exc:
-            return _error(exc.error, exc.description, exc.status)
-        except ClientAuthFailed:
-            return _invalid_client(request)
-        except AuthorizationPending as exc:
-            body = {"error": exc.error, "error_description": exc.description, **exc.extra}
-            return JSONResponse(body, 400, headers=_NO_STORE)
-        except OAuthError as exc:
-            if exc.error == "invalid_client":
-                return _invalid_client(request)
-            return _error(exc.error, exc.description, exc.status)
-        except StoreUnavailable:
-            logger.exception("token endpoint: store unavailable")
-            return _error("server_error", "the broker cannot issue tokens right now", 503)
-        except Exception:
-            logger.exception("token endpoint failed")
-            return _error("server_error", "internal error", 500)
+        return await _answer(
+            request,
+            lambda form: _grant(service, request, form),
+            max_body_bytes,
+            "token",
+            "issue tokens",
+        )
 
     async def revoke(request: Request) -> Response:
-        try:
-            form = await _read_form(request, max_body_bytes)
-            return await _revoke(service, request, form)
-        except _BadRequest as exc:
-            return _error(exc.error, exc.description, exc.status)
-        except ClientAuthFailed:
-            return _invalid_client(request)
-        except OAuthError as exc:
-            if exc.error == "invalid_client":
-                return _invalid_client(request)
-            return _error(exc.error, exc.description, exc.status)
-        except StoreUnavailable:
-            logger.exception("revocation endpoint: store unavailable")
-            return _error("server_error", "the broker cannot revoke tokens right now", 503)
-        except Exception:
-            logger.exception("revocation endpoint failed")
-            return _error("server_error", "internal error", 500)
+        return await _answer(
+            request,
+            lambda form: _revoke(service, request, form),
+            max_body_bytes,
+            "revocation",
+            "revoke tokens",
+        )
 
     async def authorize(request: Request) -> Response:
         return _error(
