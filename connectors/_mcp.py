@@ -22,8 +22,10 @@ import anyio
 import mcp.types as types
 from mcp import Client, MCPError
 from mcp.client.session import ClientRequestContext
+from mcp.shared.dispatcher import ProgressFnT
 from pydantic import ValidationError
 
+from connectors._direct_calls import DirectCalls, InvalidAnswer
 from connectors.base import ChangeKind, ChangeListener, ConnectorSpec, JSONValue, ProgressCallback
 from connectors.errors import (
     CallTimeout,
@@ -91,12 +93,31 @@ class _Page(Generic[T]):
 
 
 class Link:
-    """One live downstream session: the client, and how and why it ended."""
+    """One live downstream session: the client, and how and why it ended.
 
-    def __init__(self, client: Client) -> None:
+    ``direct`` is the stdio child's direct ``tools/call`` channel (`connectors._direct_calls`),
+    taken by every call that wants no progress; None for HTTP links.
+    """
+
+    def __init__(self, client: Client, direct: DirectCalls | None = None) -> None:
         self.client = client
+        self.direct = direct
         self.dead = anyio.Event()
         self.why = ""
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: dict[str, JSONValue],
+        progress: ProgressFnT | None,
+    ) -> types.CallToolResult:
+        if progress is None and self.direct is not None:
+            result = await self.direct.call_tool(name, arguments)
+            if not result.is_error:
+                # The SDK's own check of structured content against the tool's output schema.
+                await self.client.session.validate_tool_result(name, result)
+            return result
+        return await self.client.call_tool(name, arguments, progress_callback=progress)
 
     def die(self, why: str) -> None:
         if not self.why:
@@ -268,13 +289,17 @@ class McpConnector(ABC):
         return await self._list("prompts/list", fetch)
 
     async def read_resource(self, uri: str) -> types.ReadResourceResult:
-        return await self._request("resources/read", lambda c: c.read_resource(uri), None)
+        return await self._request(
+            "resources/read", lambda link: link.client.read_resource(uri), None
+        )
 
     async def get_prompt(
         self, name: str, arguments: Mapping[str, str] | None = None
     ) -> types.GetPromptResult:
         args = dict(arguments) if arguments is not None else None
-        return await self._request("prompts/get", lambda c: c.get_prompt(name, args), None)
+        return await self._request(
+            "prompts/get", lambda link: link.client.get_prompt(name, args), None
+        )
 
     async def complete(
         self,
@@ -284,7 +309,7 @@ class McpConnector(ABC):
     ) -> types.Completion:
         ctx = dict(context_arguments) if context_arguments is not None else None
         result = await self._request(
-            "completion/complete", lambda c: c.complete(ref, dict(argument), ctx), None
+            "completion/complete", lambda link: link.client.complete(ref, dict(argument), ctx), None
         )
         return result.completion
 
@@ -314,9 +339,7 @@ class McpConnector(ABC):
         with self._inflight.call(current_relay.get()):
             return await self._request(
                 "tools/call",
-                lambda c: c.call_tool(
-                    name, args, progress_callback=on_progress if report is not None else None
-                ),
+                lambda link: link.call_tool(name, args, on_progress if report else None),
                 timeout,
             )
 
@@ -332,12 +355,16 @@ class McpConnector(ABC):
         Raises:
             DownstreamError: the server refused (e.g. it does not support subscriptions).
         """
-        await self._request("resources/subscribe", lambda c: c.subscribe_resource(uri), None)
+        await self._request(
+            "resources/subscribe", lambda link: link.client.subscribe_resource(uri), None
+        )
         self._subscribed.add(uri)
 
     async def unsubscribe_resource(self, uri: str) -> None:
         self._subscribed.discard(uri)
-        await self._request("resources/unsubscribe", lambda c: c.unsubscribe_resource(uri), None)
+        await self._request(
+            "resources/unsubscribe", lambda link: link.client.unsubscribe_resource(uri), None
+        )
 
     async def _resubscribe(self, link: Link) -> None:
         for uri in sorted(self._subscribed):
@@ -397,11 +424,11 @@ class McpConnector(ABC):
         method: str,
         fetch: Callable[[Client, str | None], Awaitable[_Page[T]]],
     ) -> list[T]:
-        async def all_pages(client: Client) -> list[T]:
+        async def all_pages(link: Link) -> list[T]:
             items: list[T] = []
             cursor: str | None = None
             for _ in range(1000):  # a paginator that never ends must not hang the broker
-                page = await fetch(client, cursor)
+                page = await fetch(link.client, cursor)
                 items.extend(page.items)
                 cursor = page.next_cursor
                 if cursor is None:
@@ -413,7 +440,7 @@ class McpConnector(ABC):
     async def _request(
         self,
         method: str,
-        send: Callable[[Client], Awaitable[T]],
+        send: Callable[[Link], Awaitable[T]],
         timeout: float | None,  # noqa: ASYNC109 - mapped onto our own cancel scope
     ) -> T:
         limit = call_deadline(self._spec, timeout)
@@ -421,12 +448,12 @@ class McpConnector(ABC):
         with anyio.move_on_after(limit):
             link = await self._live()
             try:
-                return await send(link.client)
+                return await send(link)
             except MCPError as exc:
                 if exc.code == CONNECTION_CLOSED or self._session_lost(exc):
                     raise await self._broken(link) from exc
                 raise DownstreamError(exc.error.message, code=exc.code) from exc
-            except ValidationError as exc:
+            except (ValidationError, InvalidAnswer) as exc:
                 raise DownstreamError(
                     f"{self._describe()} sent an invalid {method} result", code=-32603
                 ) from exc

@@ -21,6 +21,9 @@ stderr can be had. This module spawns the child itself:
   runs unsandboxed. Unsandboxed children are started through ``setpriv --pdeathsig KILL`` so
   they die with the broker even when it is SIGKILLed (bubblewrap's ``--die-with-parent`` does
   the same for jails);
+- ``tools/call`` requests that want no progress go straight to the child's stdin and their
+  answers are taken off its stdout before the SDK session sees them
+  (`connectors._direct_calls`); everything else is the SDK's;
 - with ``spec.expected_provenance`` each spawn first recomputes the connector's provenance
   digest (`connectors.provenance`) and refuses to run anything else.
 """
@@ -39,6 +42,7 @@ import mcp.types as types
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.shared.message import SessionMessage
 
+from connectors._direct_calls import DirectCalls
 from connectors._mcp import Link, McpConnector
 from connectors.base import SandboxMode, StdioSpec
 from connectors.egress import EgressListener, EgressProxy
@@ -149,9 +153,10 @@ class StdioConnector(McpConnector):
             if holder:
                 holder[0].die(why)
 
-        transport = _child_transport(self, died)
+        direct = DirectCalls()
+        transport = _child_transport(self, died, direct)
         client = self._client(transport)
-        link = Link(client)
+        link = Link(client, direct)
         holder.append(link)
         await stack.enter_async_context(client)
         return link
@@ -164,13 +169,13 @@ _Streams = tuple[
 
 @asynccontextmanager
 async def _child_transport(
-    owner: StdioConnector, died: Callable[[str], None]
+    owner: StdioConnector, died: Callable[[str], None], direct: DirectCalls
 ) -> AsyncIterator[_Streams]:
     describe = owner._describe()  # pyright: ignore[reportPrivateUsage]
     async with AsyncExitStack() as stack:
         argv, env, cwd = await _launch(owner, stack)
         process = await anyio.open_process(argv, env=env, cwd=cwd, start_new_session=True)
-        async with _supervised(owner, process, describe, died) as streams:
+        async with _supervised(owner, process, describe, died, direct) as streams:
             yield streams
 
 
@@ -222,6 +227,7 @@ async def _supervised(
     process: anyio.abc.Process,
     describe: str,
     died: Callable[[str], None],
+    direct: DirectCalls,
 ) -> AsyncIterator[_Streams]:
     spec = owner.spec
     owner._pid = process.pid  # pyright: ignore[reportPrivateUsage]
@@ -229,6 +235,8 @@ async def _supervised(
     logger.info("stdio server started", extra=extra)
     to_session, from_child = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     to_child, from_session = anyio.create_memory_object_stream[SessionMessage](0)
+    if process.stdin is not None:
+        direct.attach(process.stdin)
 
     async def read_stdout() -> None:
         stdout = process.stdout
@@ -244,10 +252,11 @@ async def _supervised(
                         break
                     *lines, buffer = buffer.split(b"\n")
                     for line in lines:
-                        if line.strip():
+                        if line.strip() and not direct.offer(line):
                             await to_session.send(_parse(line))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
             pass
+        direct.close()
         # Prefer the exit code as the reason: the child usually exits right after EOF.
         with anyio.move_on_after(1.0):
             await _wait_exit(process)

@@ -8,15 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import mcp.types as types
 import pytest
 
 from connectors import (
     ConnectorBroken,
     ConnectorClosed,
     ConnectorConfigError,
+    DownstreamError,
     StdioConnector,
     StdioSpec,
 )
+from connectors.base import ProgressCallback
 from connectors.testing import check_connector
 
 Argv = Callable[[str], tuple[str, ...]]
@@ -164,3 +167,53 @@ async def test_calls_after_close_raise_connector_closed_without_spawning(
     with pytest.raises(ConnectorClosed):
         await connector.list_tools()
     assert connector.pid is None
+
+
+async def _ignore_progress(progress: float, total: float | None, message: str | None) -> None:
+    pass
+
+
+@pytest.mark.parametrize("progress", [None, _ignore_progress], ids=["direct", "sdk"])
+async def test_a_refusal_and_a_malformed_result_raise_downstream_error_on_either_path(
+    fixture_server: Argv, progress: ProgressCallback | None
+) -> None:
+    """A call without progress skips the SDK session; what the caller sees must not change."""
+    command, *args = fixture_server("minimal")
+    async with StdioConnector(StdioSpec(id="minimal", command=command, args=tuple(args))) as c:
+        with anyio.fail_after(30):
+            with pytest.raises(DownstreamError) as refused:
+                await c.call_tool("refuse", {}, progress=progress)
+            with pytest.raises(DownstreamError) as malformed:
+                await c.call_tool("not_a_result", {}, progress=progress)
+            after = await c.call_tool("echo", {"text": "still here"}, progress=progress)
+    assert (refused.value.code, str(refused.value)) == (-32602, "refused: the text is too long")
+    assert str(malformed.value) == "stdio server 'minimal' sent an invalid tools/call result"
+    assert after.content == [types.TextContent(type="text", text="still here")]
+
+
+@pytest.mark.parametrize("tool", ["garbled_error", "nan"])
+async def test_an_answer_that_is_not_json_rpc_or_not_json_is_an_invalid_result(
+    fixture_server: Argv, tool: str
+) -> None:
+    command, *args = fixture_server("minimal")
+    async with StdioConnector(StdioSpec(id="minimal", command=command, args=tuple(args))) as c:
+        with anyio.fail_after(30), pytest.raises(DownstreamError, match="invalid tools/call"):
+            await c.call_tool(tool, {})
+
+
+async def test_concurrent_calls_each_get_their_own_answer(fixture_server: Argv) -> None:
+    command, *args = fixture_server("minimal")
+    texts = [f"call {n}" for n in range(40)]
+    seen: dict[str, object] = {}
+    async with StdioConnector(StdioSpec(id="minimal", command=command, args=tuple(args))) as c:
+
+        async def call(text: str) -> None:
+            seen[text] = (await c.call_tool("echo", {"text": text})).content
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for text in texts:
+                    tg.start_soon(call, text)
+            tools = await c.list_tools()
+    assert seen == {t: [types.TextContent(type="text", text=t)] for t in texts}
+    assert "echo" in {tool.name for tool in tools}
