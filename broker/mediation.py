@@ -19,9 +19,10 @@ gives the answer (deny overrides allow; nothing granting means deny):
     durable budget, while a spent rate-limit token refills by itself;
  8. approval gate for ``approval = "call"`` scopes: the injected `CallApprovals`, else
     ``approval-required``;
- 9. the decision event is recorded durably; then EXACTLY the canonical arguments ``decide``
-    checked are forwarded (progress relayed, cancellation flowing down, deadline kept by the
-    connector) -> ``upstream-timeout`` / ``upstream-unavailable``;
+ 9. the decision event is written ahead (committed; its flush rides on step 11's); then EXACTLY
+    the canonical arguments ``decide`` checked are forwarded (progress relayed, cancellation
+    flowing down, deadline kept by the connector) -> ``upstream-timeout`` /
+    ``upstream-unavailable``;
 10. output policy (`broker.core.output`): secrets redacted, size capped (truncation marker, or
     ``result-too-large``), and the session flagged ``untrusted-content`` when the allowing scope
     is labelled ``untrusted``;
@@ -31,7 +32,11 @@ What recording guarantees (when a recorder is wired): every answer the agent rec
 ``tools/call`` that got past stage 1 was preceded by a committed event carrying its decision id.
 A denial's decision event is committed before the denial is returned; an allowed call's decision
 event (with the redacted canonical arguments) is committed before anything is sent downstream,
-and its result event before the result is returned. When a write fails, the call is refused
+and its result event before the result is returned. The decision of a forwarded call is
+committed without waiting for the flush to disk (`Recorder.record`'s ``durable=False``): it is in
+the store's log and survives the broker dying, and the result's flush, which comes before the
+answer, covers it too; only a power loss mid-call could drop it, and then the agent heard
+nothing. That saves one flush on every allowed call. When a write fails, the call is refused
 with ``store-unavailable``: before forwarding, the downstream never sees the call; after it, the
 downstream ran it but the agent never sees the result. A ``store-unavailable`` answer given
 because recording failed is itself not in the record (the store is what failed). The request is
@@ -227,6 +232,8 @@ class CallRecorder(Protocol):
         kind: Any,
         payload: Mapping[str, Any],
         decision_id: str | None = None,
+        *,
+        durable: bool = True,
     ) -> Any: ...
 
     async def close_session(self, session_id: str, *, reason: str | None = None) -> Any: ...
@@ -679,11 +686,16 @@ class Mediator:
                             refused,
                             started,
                         )
+                # Write-ahead: written before the call can have any effect, so a store that cannot
+                # write stops it (fail closed) and a crash mid-call leaves the decision on record.
+                # Not waiting for the flush is safe for acknowledgement: the result is recorded
+                # durably before the agent hears anything, and that flush covers this record.
                 if not await self._record(
                     session,
                     EventKind.DECISION,
                     lambda: _decision_payload(route.name, route, auth.decision, canonical, auth),
                     decision_id,
+                    durable=False,
                 ):
                     return self._store_failed(decision_id, principal, started)
                 sent = time.perf_counter()
@@ -1040,15 +1052,18 @@ class Mediator:
         kind: EventKind,
         payload: Callable[[], Mapping[str, Any]],
         decision_id: str | None,
+        *,
+        durable: bool = True,
     ) -> bool:
-        """Record durably; False when the store could not (the caller refuses the call).
+        """Record; False when the store could not (the caller refuses the call).
 
-        ``payload`` is built only when something is recorded.
+        ``payload`` is built only when something is recorded. ``durable=False`` only for the
+        write-ahead decision of a call about to be forwarded (see `Recorder.record`).
         """
         if self.recorder is None or session is None or session.id is None:
             return True
         try:
-            await self.recorder.record(session.id, kind, payload(), decision_id)
+            await self.recorder.record(session.id, kind, payload(), decision_id, durable=durable)
         except Exception:
             logger.exception("recording failed", extra={"decision_id": decision_id})
             self._notify("store_write_failed")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from broker.core.approvals import Approval, ApprovalKind, ApprovalStatus
@@ -36,8 +36,6 @@ class Clock(Protocol):
 
 class SystemClock:
     def now(self) -> datetime:
-        from datetime import UTC
-
         return datetime.now(UTC)
 
 
@@ -273,12 +271,17 @@ class Store(Protocol):
         """Raises Conflict on a taken id."""
         ...
 
-    async def append_events(self, events: Sequence[RecordedEvent]) -> None:
+    async def append_events(self, events: Sequence[RecordedEvent], *, durable: bool = True) -> None:
         """Write a batch (any sessions) in one durable transaction, or nothing.
 
         Each session's events must continue its chain: seqs gapless from its event count + 1,
         the first ``prev_hash`` equal to its last hash, the session still open.
         Raises Conflict when they do not (nothing written), StoreUnavailable on a DB failure.
+
+        ``durable=False`` commits without waiting for the flush to stable storage: the batch is
+        written and visible, and survives the broker process dying, but not yet a power loss.
+        Both backends keep one sequential log, so the next durable commit flushes it too. A
+        store may always be durable; a failure to write is raised either way.
         """
         ...
 

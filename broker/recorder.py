@@ -52,7 +52,9 @@ class EventStore(Protocol):
 
     async def open_session(self, session: SessionRecord) -> None: ...
 
-    async def append_events(self, events: Sequence[RecordedEvent]) -> None: ...
+    async def append_events(
+        self, events: Sequence[RecordedEvent], *, durable: bool = True
+    ) -> None: ...
 
     async def session_head(self, session_id: str) -> tuple[int, str] | None: ...
 
@@ -83,6 +85,7 @@ class _Pending:
     kind: str
     payload: dict[str, Any]
     decision_id: str | None
+    durable: bool = True
     done: anyio.Event = field(default_factory=anyio.Event)
     result: RecordedEvent | None = None
     error: BaseException | None = None
@@ -234,8 +237,15 @@ class Recorder:
         kind: EventKind | str,
         payload: Mapping[str, Any],
         decision_id: str | None = None,
+        *,
+        durable: bool = True,
     ) -> RecordedEvent:
         """Redact ``payload``, append it to the session's chain, and return once committed.
+
+        ``durable=False`` is for a write-ahead record that a durable one will follow before
+        anything is acknowledged (the decision to forward a call, then its result): it returns
+        once written, without waiting for the flush (see `broker.ports.Store.append_events`).
+        A batch holding any durable event is flushed as a whole.
 
         Raises:
             StoreUnavailable: the event is not recorded (the caller must refuse the call).
@@ -246,7 +256,9 @@ class Recorder:
         if kind in (EventKind.SESSION_OPENED, EventKind.SESSION_CLOSED):
             raise ValueError(f"{kind} events are written by open_session and close_session")
         clean = normalize_json(self._redactor.redact(payload))
-        return await self._submit(_Pending(session_id, self._now(), kind, clean, decision_id))
+        return await self._submit(
+            _Pending(session_id, self._now(), kind, clean, decision_id, durable)
+        )
 
     async def close_session(self, session_id: str, *, reason: str | None = None) -> RecordedEvent:
         """Record ``session-closed`` and seal the session with its hash; returns that event.
@@ -378,8 +390,11 @@ class Recorder:
             groups.setdefault(p.session_id, []).append((p, event))
         if not groups:
             return
+        durable = any(p.durable for g in groups.values() for p, _ in g)
         try:
-            await self._store.append_events([e for g in groups.values() for _, e in g])
+            await self._store.append_events(
+                [e for g in groups.values() for _, e in g], durable=durable
+            )
         except Conflict:
             # One session's chain moved under us (another process wrote it): isolate it so the
             # other sessions in the batch still commit.
@@ -396,7 +411,9 @@ class Recorder:
 
     async def _commit_group(self, sid: str, group: list[tuple[_Pending, RecordedEvent]]) -> None:
         try:
-            await self._store.append_events([e for _, e in group])
+            await self._store.append_events(
+                [e for _, e in group], durable=any(p.durable for p, _ in group)
+            )
         except StoreError as exc:
             self._fail_groups({sid: group}, exc)
         else:

@@ -99,6 +99,7 @@ class BrokerTokenVerifier:
         self.store = store
         self._last_key_refresh = -KEY_REFRESH_INTERVAL
         self.verified = VerifiedTokens()
+        self._access: dict[str, tuple[TokenClaims, AccessToken]] = {}
 
     @classmethod
     def from_config(
@@ -199,7 +200,11 @@ class BrokerTokenVerifier:
         except StoreUnavailable:
             logger.warning("token refused", extra={"reason": "store-unavailable", "jti": None})
             return None
-        return AccessToken(
+        known = self._access.get(token)
+        if known is not None and known[0] is claims:
+            # The same verified claims (checked again just now): the same answer, built once.
+            return known[1]
+        access = AccessToken(
             token=token,
             client_id=claims.client_id,
             scopes=list(claims.scopes),
@@ -208,3 +213,7 @@ class BrokerTokenVerifier:
             subject=claims.sub,
             claims=claims.to_payload(),
         )
+        if len(self._access) >= VERIFIED_TOKENS_MAX:
+            self._access.clear()
+        self._access[token] = (claims, access)
+        return access

@@ -720,10 +720,10 @@ class AppendsFail:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def append_events(self, events: Any) -> None:
+    async def append_events(self, events: Any, *, durable: bool = True) -> None:
         if self.failing:
             raise StoreUnavailable("disk full")
-        await self.inner.append_events(events)
+        await self.inner.append_events(events, durable=durable)
 
 
 async def test_an_action_whose_audit_cannot_be_written_is_refused_and_not_done(

@@ -123,6 +123,43 @@ async def test_an_event_is_readable_through_another_connection_when_record_retur
     assert found == event
 
 
+class FlushSpy:
+    """The real store, noting for each append whether it was asked to be durable."""
+
+    def __init__(self, inner: SqlStore) -> None:
+        self.inner = inner
+        self.appends: list[tuple[bool, list[bool]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def append_events(self, events: Any, *, durable: bool = True) -> None:
+        await self.inner.append_events(events, durable=durable)
+        self.appends.append((durable, [bool(e.payload.get("durable", True)) for e in events]))
+
+
+async def test_a_batch_is_flushed_whenever_any_event_in_it_asks_to_be_durable(
+    store: SqlStore,
+) -> None:
+    spy = FlushSpy(store)
+    async with Recorder(spy, clock=SteppingClock(), redactor=Redactor(b"r" * 32)) as recorder:  # pyright: ignore[reportArgumentType]
+        sid = await _open(recorder)
+
+        async def one(durable: bool) -> None:
+            await recorder.record(sid, "request", {"durable": durable}, durable=durable)
+
+        await one(False)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for durable in (False, False, True, False, False, False):
+                    tg.start_soon(one, durable)
+    events = [(d, flags) for d, flags in spy.appends if flags != [True]]  # not the opening
+    assert events[0] == (False, [False])
+    assert all(durable == any(flags) for durable, flags in events)
+    assert any(len(set(flags)) == 2 for _, flags in events), "no batch mixed both kinds"
+    assert await _verified(store, sid) == 8
+
+
 async def test_events_queued_at_shutdown_are_committed_before_exit(store: SqlStore) -> None:
     results: list[int] = []
     async with _recorder(store) as recorder:

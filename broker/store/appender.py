@@ -11,12 +11,14 @@ back is written again), and writes one batch as one transaction:
   IMMEDIATE``; one executemany ``UPDATE`` advancing every session's chain head only where it is
   the expected one (existing, not sealed, ``event_count`` and ``last_hash`` as the batch says); one
   executemany ``INSERT``; ``COMMIT``. The connection gets the store's PRAGMAs (WAL,
-  ``synchronous=FULL``), so the batch is on disk when the job returns.
+  ``synchronous=FULL``), so the batch is on disk when the job returns; a batch appended with
+  ``durable=False`` is committed under ``synchronous=NORMAL`` (in the WAL, not yet synced).
 * PostgreSQL: one statement, so one round trip and one implicit transaction, committed under the
   server's ``synchronous_commit`` like any other. A data-modifying CTE advances the guarded heads
   and the ``INSERT`` takes each event's ``session_id`` from the advanced row: an event whose
   session was not advanced gets a NULL primary-key column, which PostgreSQL always refuses, so one
-  failed guard aborts the whole statement and nothing is written.
+  failed guard aborts the whole statement and nothing is written. A ``durable=False`` batch uses
+  the same statement with ``synchronous_commit`` set off for its own transaction only.
 
 Values pass through the columns' own SQLAlchemy bind processors, so a row is stored exactly as
 the ORM path stores it and reads back through it identically. `append` answers False, having
@@ -71,11 +73,17 @@ class Advance:
 
 class Appender(Protocol):
     async def append(
-        self, advances: Sequence[Advance], events: Sequence[Mapping[str, Any]]
+        self,
+        advances: Sequence[Advance],
+        events: Sequence[Mapping[str, Any]],
+        *,
+        durable: bool = True,
     ) -> bool:
         """Advance every head and insert every event (column values by name) durably, or nothing.
 
         Returns False, having written nothing, when a guard or a constraint refused the batch.
+        ``durable=False``: committed without waiting for the flush (see
+        `broker.ports.Store.append_events`).
 
         Raises:
             ValueError: a value the columns refuse (a naive datetime); nothing was written.
@@ -155,16 +163,22 @@ class SqliteAppender:
         self._encoders = _encoders(dialect)
         self._worker: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        """Touched only on the worker thread."""
+        self._synced = True
+        """Touched only on the worker thread, like the connection: its ``synchronous`` is FULL."""
 
     async def append(
-        self, advances: Sequence[Advance], events: Sequence[Mapping[str, Any]]
+        self,
+        advances: Sequence[Advance],
+        events: Sequence[Mapping[str, Any]],
+        *,
+        durable: bool = True,
     ) -> bool:
         heads = [(a.new_count, a.new_hash, a.session_id, a.count, a.last_hash) for a in advances]
         rows = _encode(self._encoders, events)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="broker-appender")
-        return await asyncio.wrap_future(self._worker.submit(self._write, heads, rows))
+        job = self._worker.submit(self._write, heads, rows, durable)
+        return await asyncio.wrap_future(job)
 
     async def aclose(self) -> None:
         worker, self._worker = self._worker, None
@@ -175,9 +189,14 @@ class SqliteAppender:
         finally:
             worker.shutdown(wait=True)
 
-    def _write(self, heads: list[tuple[Any, ...]], rows: list[tuple[Any, ...]]) -> bool:
+    def _write(
+        self, heads: list[tuple[Any, ...]], rows: list[tuple[Any, ...]], durable: bool
+    ) -> bool:
         try:
             conn = self._conn or self._connect()
+            if durable != self._synced:
+                conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self._synced = durable
             conn.execute("BEGIN IMMEDIATE")
             try:
                 advanced = conn.executemany(self._ADVANCE, heads).rowcount == len(heads)
@@ -196,6 +215,7 @@ class SqliteAppender:
         conn = sqlite3.connect(self._path, timeout=self._timeout)
         self._setup(conn)
         self._conn = conn
+        self._synced = True
         return conn
 
     def _discard(self) -> None:
@@ -211,12 +231,17 @@ class PostgresAppender:
     def __init__(self, connect_args: Mapping[str, Any], dialect: Dialect) -> None:
         self._connect_args = dict(connect_args)
         self._encoders = _encoders(dialect)
-        self._statement = _postgres_statement(dialect)
+        self._statement = _postgres_statement(dialect, durable=True)
+        self._relaxed = _postgres_statement(dialect, durable=False)
         self._lock = asyncio.Lock()
         self._conn: asyncpg.Connection | None = None
 
     async def append(
-        self, advances: Sequence[Advance], events: Sequence[Mapping[str, Any]]
+        self,
+        advances: Sequence[Advance],
+        events: Sequence[Mapping[str, Any]],
+        *,
+        durable: bool = True,
     ) -> bool:
         heads = [
             [a.session_id for a in advances],
@@ -233,7 +258,8 @@ class PostgresAppender:
                     # Seen to close while idle (a restart, a terminated backend): reconnect
                     # before writing, as a pre-ping would, instead of failing this batch.
                     conn = await self._connect()
-                await conn.execute(self._statement, *heads, *columns)
+                statement = self._statement if durable else self._relaxed
+                await conn.execute(statement, *heads, *columns)
             except asyncpg.IntegrityConstraintViolationError:
                 return False
             except BaseException:
@@ -264,9 +290,11 @@ class PostgresAppender:
             conn.terminate()
 
 
-def _postgres_statement(dialect: Dialect) -> str:
+def _postgres_statement(dialect: Dialect, *, durable: bool) -> str:
     """The one statement of a PostgreSQL batch: $1-$5 the heads, then one array per column.
 
+    Not ``durable``: a first CTE turns ``synchronous_commit`` off for this transaction only
+    (``set_config(..., true)``); the head update joins it, so it is evaluated before the commit.
     Only our own column names and types go into the text; every value is a bound parameter.
     """
     arrays = ", ".join(
@@ -275,11 +303,16 @@ def _postgres_statement(dialect: Dialect) -> str:
     values = ", ".join(
         "advanced.id" if c.name == "session_id" else f"batch.{c.name}" for c in _EVENT_COLUMNS
     )
+    relax, relaxed = (
+        ("", "")
+        if durable
+        else ("relaxed AS (SELECT set_config('synchronous_commit', 'off', true)), ", ", relaxed")
+    )
     return (
-        "WITH advanced AS ("  # noqa: S608
+        f"WITH {relax}advanced AS ("  # noqa: S608
         " UPDATE sessions AS s SET event_count = h.new_count, last_hash = h.new_hash"
         " FROM unnest($1::text[], $2::int[], $3::text[], $4::int[], $5::text[])"
-        " AS h(id, count, last_hash, new_count, new_hash)"
+        f" AS h(id, count, last_hash, new_count, new_hash){relaxed}"
         " WHERE s.id = h.id AND s.event_count = h.count AND s.ended_at IS NULL"
         " AND (h.count = 0 OR s.last_hash = h.last_hash)"
         " RETURNING s.id)"

@@ -749,7 +749,7 @@ class SqlStore:
         async with self._tx(write=True, conflict=f"session {session.id!r} already exists") as s:
             s.add(row)
 
-    async def append_events(self, events: Sequence[RecordedEvent]) -> None:
+    async def append_events(self, events: Sequence[RecordedEvent], *, durable: bool = True) -> None:
         if not events:
             return
         by_session: dict[str, list[RecordedEvent]] = {}
@@ -764,7 +764,8 @@ class SqlStore:
                 for c in by_session.values()
             ]
             with self._translated(conflict):
-                if await self._appender.append(advances, [_event_values(e) for e in events]):
+                rows = [_event_values(e) for e in events]
+                if await self._appender.append(advances, rows, durable=durable):
                     return
             # Refused as a whole: this checked path finds and names the conflict (or, had the
             # chains moved meanwhile, appends after all).

@@ -141,6 +141,23 @@ async def test_a_sealed_session_refuses_appends_on_the_fast_path(store: SqlStore
     assert await store.session_events("s1") == first
 
 
+async def test_write_ahead_appends_are_written_guarded_and_read_back_like_durable_ones(
+    store: SqlStore,
+) -> None:
+    await store.open_session(session("s1"))
+    events = chain("s1", 4)
+    await store.append_events(events[:1], durable=False)
+    await store.append_events(events[1:2])
+    await store.append_events(events[2:4], durable=False)
+    fork = replace(events[3], payload={"forked": True}, hash="f" * 64)
+    with pytest.raises(Conflict, match="'s1' from seq 4"):
+        await store.append_events([fork], durable=False)
+
+    # Read on the store's pool, not on the appender's connection that wrote them.
+    assert await store.session_events("s1") == events
+    assert await store.session_head("s1") == (4, events[3].hash)
+
+
 async def test_a_naive_timestamp_is_refused_before_anything_is_written(store: SqlStore) -> None:
     await store.open_session(session("s1"))
     naive = chain("s1", 1, at=datetime(2026, 11, 23, 12, 0))
@@ -161,9 +178,10 @@ async def test_appends_fail_while_the_database_cannot_be_written_and_resume_afte
         events = chain("s1", 3)
         await store.append_events(events[:1])
         async with unwritable(store_url):
-            for _ in range(2):
+            # A write-ahead append is refused like a durable one: it is written, only not synced.
+            for durable in (True, False, True):
                 with pytest.raises(StoreUnavailable) as caught:
-                    await store.append_events(events[1:2])
+                    await store.append_events(events[1:2], durable=durable)
                 assert caught.value.__cause__ is not None
         async with asyncio.timeout(30):
             await store.append_events(events[1:2])
