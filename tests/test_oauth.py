@@ -230,6 +230,7 @@ async def running_broker(
             store=StoreConfig(url="sqlite+aiosqlite:///unused.db"),
             tokens=TokenConfig(keys_dir=tmp_path / "keys", **tokens),
             scope_files=scope_files,
+            base_dir=tmp_path,  # the recording key is created under it, never in the checkout
         )
         if real_app:
             from broker.app import create_app
