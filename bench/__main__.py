@@ -16,8 +16,8 @@ looks five times faster than direct. ``--protocol 2026`` still runs it.
 
 The broker side runs every detector (in shadow mode, with rate thresholds for the bench's known
 workload) and records every call durably: a write-ahead decision event committed before the
-call is forwarded and a result event committed before the answer, each with
-``synchronous=FULL`` on the SQLite file.
+call is forwarded (not waited on to reach the disk) and a result event committed and flushed
+(``synchronous=FULL`` on the SQLite file) before the answer; that flush covers both.
 """
 
 from __future__ import annotations
