@@ -47,6 +47,11 @@ _CANCEL_WRITE_TIMEOUT = 1.0
 """How long a cancelled call may spend telling the child; a stuck pipe must not hold it."""
 
 
+def _line(message: Mapping[str, Any]) -> bytes:
+    """One JSON-RPC message as the stdio transport frames it: compact JSON and a newline."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
 class InvalidAnswer(ValueError):
     """The child's answer to a direct call is not a JSON-RPC answer the broker can use."""
 
@@ -127,7 +132,7 @@ class DirectCalls:
         waiter = _Waiter()
         self._pending[request_id] = waiter
         try:
-            await stdin.send(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+            await stdin.send(_line(request))
             await waiter.done.wait()
         except anyio.get_cancelled_exc_class():
             if waiter.answer is None and not self._closed:
@@ -163,4 +168,4 @@ class DirectCalls:
             anyio.move_on_after(_CANCEL_WRITE_TIMEOUT),
             suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError),
         ):
-            await stdin.send(json.dumps(note, separators=(",", ":")).encode() + b"\n")
+            await stdin.send(_line(note))

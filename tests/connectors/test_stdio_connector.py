@@ -201,6 +201,16 @@ async def test_an_answer_that_is_not_json_rpc_or_not_json_is_an_invalid_result(
             await c.call_tool(tool, {})
 
 
+async def test_an_error_without_code_or_message_is_still_a_named_refusal(
+    fixture_server: Argv,
+) -> None:
+    command, *args = fixture_server("minimal")
+    async with StdioConnector(StdioSpec(id="minimal", command=command, args=tuple(args))) as c:
+        with anyio.fail_after(30), pytest.raises(DownstreamError) as refused:
+            await c.call_tool("vague_error", {})
+    assert (refused.value.code, str(refused.value)) == (-32603, "the server refused the call")
+
+
 async def test_concurrent_calls_each_get_their_own_answer(fixture_server: Argv) -> None:
     command, *args = fixture_server("minimal")
     texts = [f"call {n}" for n in range(40)]
