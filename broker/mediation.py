@@ -234,6 +234,7 @@ class CallRecorder(Protocol):
         decision_id: str | None = None,
         *,
         durable: bool = True,
+        alone: bool = False,
     ) -> Any: ...
 
     async def close_session(self, session_id: str, *, reason: str | None = None) -> Any: ...
@@ -440,6 +441,8 @@ class Mediator:
         self._sessions: dict[tuple[str, ...], _Session] = {}
         self._buckets: dict[tuple[str, str], Bucket] = {}
         self._running: Counter[tuple[str, str]] = Counter()
+        self._calls = 0
+        """Tool calls being mediated right now (see `_record`)."""
         self._agent_limit = _rate(self.limits.agent_calls_per_minute, self.limits.agent_burst)
         self._connector_limit = _rate(
             self.limits.connector_calls_per_minute, self.limits.connector_burst
@@ -531,6 +534,15 @@ class Mediator:
         self, call: CallContext, name: str, arguments: Mapping[str, Any] | None
     ) -> types.CallToolResult:
         """Mediate one ``tools/call``; never raises (every failure is a denial value)."""
+        self._calls += 1
+        try:
+            return await self._call_tool(call, name, arguments)
+        finally:
+            self._calls -= 1
+
+    async def _call_tool(
+        self, call: CallContext, name: str, arguments: Mapping[str, Any] | None
+    ) -> types.CallToolResult:
         decision_id = new_decision_id()
         started = time.perf_counter()
         principal = call.principal
@@ -1058,12 +1070,16 @@ class Mediator:
         """Record; False when the store could not (the caller refuses the call).
 
         ``payload`` is built only when something is recorded. ``durable=False`` only for the
-        write-ahead decision of a call about to be forwarded (see `Recorder.record`).
+        write-ahead decision of a call about to be forwarded (see `Recorder.record`). With at
+        most one tool call in progress the recorder is told it is ``alone``: a quiet broker
+        then waits for its flush on the loop instead of paying two thread hops per call.
         """
         if self.recorder is None or session is None or session.id is None:
             return True
         try:
-            await self.recorder.record(session.id, kind, payload(), decision_id, durable=durable)
+            await self.recorder.record(
+                session.id, kind, payload(), decision_id, durable=durable, alone=self._calls <= 1
+            )
         except Exception:
             logger.exception("recording failed", extra={"decision_id": decision_id})
             self._notify("store_write_failed")

@@ -271,7 +271,9 @@ class Store(Protocol):
         """Raises Conflict on a taken id."""
         ...
 
-    async def append_events(self, events: Sequence[RecordedEvent], *, durable: bool = True) -> None:
+    async def append_events(
+        self, events: Sequence[RecordedEvent], *, durable: bool = True, alone: bool = False
+    ) -> None:
         """Write a batch (any sessions) in one durable transaction, or nothing.
 
         Each session's events must continue its chain: seqs gapless from its event count + 1,
@@ -282,6 +284,10 @@ class Store(Protocol):
         written and visible, and survives the broker process dying, but not yet a power loss.
         Both backends keep one sequential log, so the next durable commit flushes it too. A
         store may always be durable; a failure to write is raised either way.
+
+        ``alone=True`` says the caller is the only work in progress in this process: a store
+        may then wait for its flush on the calling thread (the event loop), since nothing else
+        is waiting to run and handing the wait to a worker thread costs more than it frees.
         """
         ...
 

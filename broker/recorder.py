@@ -2,13 +2,18 @@
 
 `Recorder.record` returns only after its event is committed. One writer task gathers the events
 that concurrent callers hand in (many sessions at once) into one `append_events` transaction,
-so a busy broker pays one commit for many calls. The writer is the only place that assigns a
-session's ``seq`` and ``prev_hash``: it keeps each session's chain head in memory (loaded with
-`session_head` the first time a resumed session is seen) and advances it only once the batch is
-committed. When a batch fails, every waiter in it gets the error (`StoreUnavailable`: the caller
-refuses the call with ``store-unavailable``) and the heads of the sessions in it are forgotten,
-so the next event reloads the head from the store and continues the chain with no gap and no
-fork, whether or not the failed commit actually landed.
+so a busy broker pays one commit for many calls. When the recorder is idle (no event waiting or
+being committed) a caller commits its lone event itself, on its own task: handing it to the
+writer task and being woken again would cost two task switches for nothing to batch with. One
+lock lets a single commit run at a time, and a caller takes that shortcut only when no earlier
+event is outstanding, so events commit in the order they were handed in either way. A commit
+is the only place that assigns a session's ``seq`` and ``prev_hash``: the recorder keeps each
+session's chain head in memory (loaded with `session_head` the first time a resumed session is
+seen) and advances it only once the batch is committed. When a batch fails, every waiter in it
+gets the error (`StoreUnavailable`: the caller refuses the call with ``store-unavailable``) and
+the heads of the sessions in it are forgotten, so the next event reloads the head from the
+store and continues the chain with no gap and no fork, whether or not the failed commit
+actually landed.
 
 Payloads are redacted (`broker.core.redaction`) before they are sealed; the chain itself is
 `broker.core.recording`.
@@ -53,7 +58,7 @@ class EventStore(Protocol):
     async def open_session(self, session: SessionRecord) -> None: ...
 
     async def append_events(
-        self, events: Sequence[RecordedEvent], *, durable: bool = True
+        self, events: Sequence[RecordedEvent], *, durable: bool = True, alone: bool = False
     ) -> None: ...
 
     async def session_head(self, session_id: str) -> tuple[int, str] | None: ...
@@ -86,6 +91,7 @@ class _Pending:
     payload: dict[str, Any]
     decision_id: str | None
     durable: bool = True
+    alone: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     result: RecordedEvent | None = None
     error: BaseException | None = None
@@ -160,6 +166,10 @@ class Recorder:
         """Sessions whose session-closed event is committed (kept to retry a failed seal)."""
         self._send: MemoryObjectSendStream[_Pending] | None = None
         self._task_group: TaskGroup | None = None
+        self._committing = anyio.Lock()
+        """Held by whoever commits (the writer, or a caller on the idle shortcut)."""
+        self._outstanding = 0
+        """Events handed in and not yet answered: the shortcut is only for when this is 0."""
         self.stats = RecorderStats()
 
     async def __aenter__(self) -> Self:
@@ -182,9 +192,15 @@ class Recorder:
         self._task_group = None
         if send is not None:
             send.close()
-        if group is not None:
-            return await group.__aexit__(exc_type, exc, tb)
-        return None
+        try:
+            if group is not None:
+                return await group.__aexit__(exc_type, exc, tb)
+            return None
+        finally:
+            # A caller may still be committing on the shortcut: the store must outlive it.
+            with anyio.CancelScope(shield=True):
+                async with self._committing:
+                    pass
 
     # sessions
 
@@ -239,6 +255,7 @@ class Recorder:
         decision_id: str | None = None,
         *,
         durable: bool = True,
+        alone: bool = False,
     ) -> RecordedEvent:
         """Redact ``payload``, append it to the session's chain, and return once committed.
 
@@ -246,6 +263,10 @@ class Recorder:
         anything is acknowledged (the decision to forward a call, then its result): it returns
         once written, without waiting for the flush (see `broker.ports.Store.append_events`).
         A batch holding any durable event is flushed as a whole.
+
+        ``alone=True`` says the caller is the only work in progress in this process (no other
+        call is being served): when the recorder is idle too, the store may wait for the flush
+        on the event loop rather than on a worker thread (see `broker.ports.Store.append_events`).
 
         Raises:
             StoreUnavailable: the event is not recorded (the caller must refuse the call).
@@ -257,7 +278,7 @@ class Recorder:
             raise ValueError(f"{kind} events are written by open_session and close_session")
         clean = normalize_json(self._redactor.redact(payload))
         return await self._submit(
-            _Pending(session_id, self._now(), kind, clean, decision_id, durable)
+            _Pending(session_id, self._now(), kind, clean, decision_id, durable, alone)
         )
 
     async def close_session(self, session_id: str, *, reason: str | None = None) -> RecordedEvent:
@@ -303,11 +324,28 @@ class Recorder:
     async def _submit(self, pending: _Pending) -> RecordedEvent:
         if self._send is None:
             raise StoreUnavailable("the recorder is not running")
+        if self._outstanding == 0 and not self._committing.locked():
+            # The idle shortcut (module docstring). Shielded like the writer's commits: once
+            # started, a commit finishes (the store's own timeouts bound it), so the heads
+            # never disagree with what is on disk.
+            self._committing.acquire_nowait()
+            self._outstanding += 1
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._commit_batch([pending], alone=pending.alone)
+            finally:
+                self._outstanding -= 1
+                self._committing.release()
+            return pending.outcome()
+        self._outstanding += 1
         try:
-            await self._send.send(pending)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise StoreUnavailable("the recorder is shutting down") from None
-        await pending.done.wait()
+            try:
+                await self._send.send(pending)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise StoreUnavailable("the recorder is shutting down") from None
+            await pending.done.wait()
+        finally:
+            self._outstanding -= 1
         return pending.outcome()
 
     async def _writer(self, receive: MemoryObjectReceiveStream[_Pending]) -> None:
@@ -319,28 +357,33 @@ class Recorder:
                 except anyio.EndOfStream:
                     return
                 batch = [first]
-                self._drain(receive, batch)
-                if previous > 1 and len(batch) < self._batch_max and self._flush_interval:
-                    with anyio.move_on_after(self._flush_interval):
-                        while len(batch) < self._batch_max:
-                            try:
-                                batch.append(await receive.receive())
-                            except anyio.EndOfStream:
-                                break
-                            self._drain(receive, batch)
-                previous = len(batch)
-                try:
-                    await self._commit(batch)
-                except Exception as exc:
-                    # The writer is a top-level loop: an unexpected error fails this batch
-                    # (closed) and the writer carries on with the next one.
-                    logger.exception("recorder batch failed")
-                    error = StoreUnavailable("recording failed")
-                    error.__cause__ = exc
-                    self._abandon(batch, error)
-                except BaseException:
-                    self._abandon(batch, StoreUnavailable("the recorder stopped"))
-                    raise
+                async with self._committing:
+                    self._drain(receive, batch)
+                    if previous > 1 and len(batch) < self._batch_max and self._flush_interval:
+                        with anyio.move_on_after(self._flush_interval):
+                            while len(batch) < self._batch_max:
+                                try:
+                                    batch.append(await receive.receive())
+                                except anyio.EndOfStream:
+                                    break
+                                self._drain(receive, batch)
+                    previous = len(batch)
+                    await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[_Pending], *, alone: bool = False) -> None:
+        """Commit ``batch`` under ``self._committing``; every waiter in it is answered."""
+        try:
+            await self._commit(batch, alone=alone)
+        except Exception as exc:
+            # The writer is a top-level loop: an unexpected error fails this batch (closed) and
+            # the writer carries on with the next one.
+            logger.exception("recorder batch failed")
+            error = StoreUnavailable("recording failed")
+            error.__cause__ = exc
+            self._abandon(batch, error)
+        except BaseException:
+            self._abandon(batch, StoreUnavailable("the recorder stopped"))
+            raise
 
     def _drain(self, receive: MemoryObjectReceiveStream[_Pending], batch: list[_Pending]) -> None:
         while len(batch) < self._batch_max:
@@ -364,7 +407,7 @@ class Recorder:
             self._heads[session_id] = head
         return head
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], *, alone: bool = False) -> None:
         """Seal the batch on top of the committed heads, append it, resolve the waiters."""
         heads: dict[str, tuple[int, str]] = {}
         groups: dict[str, list[tuple[_Pending, RecordedEvent]]] = {}
@@ -393,7 +436,7 @@ class Recorder:
         durable = any(p.durable for g in groups.values() for p, _ in g)
         try:
             await self._store.append_events(
-                [e for g in groups.values() for _, e in g], durable=durable
+                [e for g in groups.values() for _, e in g], durable=durable, alone=alone
             )
         except Conflict:
             # One session's chain moved under us (another process wrote it): isolate it so the

@@ -720,10 +720,12 @@ class AppendsFail:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def append_events(self, events: Any, *, durable: bool = True) -> None:
+    async def append_events(
+        self, events: Any, *, durable: bool = True, alone: bool = False
+    ) -> None:
         if self.failing:
             raise StoreUnavailable("disk full")
-        await self.inner.append_events(events, durable=durable)
+        await self.inner.append_events(events, durable=durable, alone=alone)
 
 
 async def test_an_action_whose_audit_cannot_be_written_is_refused_and_not_done(

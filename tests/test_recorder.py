@@ -133,8 +133,10 @@ class FlushSpy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def append_events(self, events: Any, *, durable: bool = True) -> None:
-        await self.inner.append_events(events, durable=durable)
+    async def append_events(
+        self, events: Any, *, durable: bool = True, alone: bool = False
+    ) -> None:
+        await self.inner.append_events(events, durable=durable, alone=alone)
         self.appends.append((durable, [bool(e.payload.get("durable", True)) for e in events]))
 
 
@@ -151,7 +153,9 @@ async def test_a_batch_is_flushed_whenever_any_event_in_it_asks_to_be_durable(
         await one(False)
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
-                for durable in (False, False, True, False, False, False):
+                # The first commits alone (the recorder is idle) and, being durable, waits for
+                # the disk: the rest queue behind it and share the next batch.
+                for durable in (True, False, False, True, False, False):
                     tg.start_soon(one, durable)
     events = [(d, flags) for d, flags in spy.appends if flags != [True]]  # not the opening
     assert events[0] == (False, [False])
@@ -221,10 +225,11 @@ async def test_a_closed_session_refuses_further_events(store: SqlStore) -> None:
         sid = handle.id
 
         async def late() -> None:
-            with pytest.raises(Conflict, match="closed"):
+            with pytest.raises(Conflict, match=r"closed|sealed"):
                 await recorder.record(sid, "request", {"late": True})
 
-        # Queued behind the close in the same batch: refused, not appended after the seal.
+        # Queued behind the close: refused, not appended after the seal (by the recorder, or,
+        # once the seal is written, by the store's guard).
         async with anyio.create_task_group() as tg:
             tg.start_soon(handle.close)
             tg.start_soon(late)
@@ -336,3 +341,21 @@ async def test_a_store_that_cannot_write_fails_every_waiter_loses_nothing_and_re
         assert a.prev_hash == b.hash
         assert [e.payload.get("phase") for e in events[1:3]] == ["before", "after"]
         await _verified(store, sid)
+
+
+async def test_a_caller_cancelled_while_its_event_commits_leaves_it_recorded_and_the_chain_whole(
+    store: SqlStore,
+) -> None:
+    async with _recorder(store) as recorder:
+        sid = await _open(recorder)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                # The recorder is idle, so this caller commits its own event (on the store's
+                # thread for a flushed one): cancelling the caller must not cut the commit.
+                tg.start_soon(recorder.record, sid, EventKind.REQUEST, {"i": 1})
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+            await recorder.record(sid, EventKind.REQUEST, {"i": 2})
+    assert await _verified(store, sid) == 3
+    events = await store.session_events(sid)
+    assert [e.payload.get("i") for e in events] == [None, 1, 2]

@@ -749,7 +749,9 @@ class SqlStore:
         async with self._tx(write=True, conflict=f"session {session.id!r} already exists") as s:
             s.add(row)
 
-    async def append_events(self, events: Sequence[RecordedEvent], *, durable: bool = True) -> None:
+    async def append_events(
+        self, events: Sequence[RecordedEvent], *, durable: bool = True, alone: bool = False
+    ) -> None:
         if not events:
             return
         by_session: dict[str, list[RecordedEvent]] = {}
@@ -765,7 +767,7 @@ class SqlStore:
             ]
             with self._translated(conflict):
                 rows = [_event_values(e) for e in events]
-                if await self._appender.append(advances, rows, durable=durable):
+                if await self._appender.append(advances, rows, durable=durable, alone=alone):
                     return
             # Refused as a whole: this checked path finds and names the conflict (or, had the
             # chains moved meanwhile, appends after all).
