@@ -115,6 +115,8 @@ _PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 _SHAPED = re.compile("|".join(f"(?:{p.pattern})" for p in _PATTERNS))
 _MIN_SECRET = 8
+_KEY_MEMO_SIZE = 4096
+_KEY_MEMO_LENGTH = 64
 # Credentials after an HTTP auth scheme: the scheme stays, the credential goes.
 _AUTH_SCHEME = re.compile(
     r"\b([Bb]earer|BEARER|[Bb]asic|BASIC|[Tt]oken)(\s+)"
@@ -186,7 +188,7 @@ class Redactor:
     erasing ordinary words). ``excerpt_chars`` bounds recorded result text.
     """
 
-    __slots__ = ("_excerpt_chars", "_key", "_known")
+    __slots__ = ("_excerpt_chars", "_key", "_keys", "_known")
 
     def __init__(self, key: bytes, *, known: Iterable[str] = (), excerpt_chars: int = 2048) -> None:
         if len(key) < 16:
@@ -196,6 +198,8 @@ class Redactor:
         self._key = key
         self._known = tuple(sorted({k for k in known if len(k) >= 8}, key=len, reverse=True))
         self._excerpt_chars = excerpt_chars
+        self._keys: dict[str, tuple[str, bool]] = {}
+        """Mapping keys seen before: (scrubbed, names a secret). Keys repeat on every call."""
 
     def fingerprint(self, secret: str) -> str:
         """``hmac-sha256:<hex16>`` of ``secret`` under the key: equal values, equal marks."""
@@ -250,15 +254,29 @@ class Redactor:
         if isinstance(value, Mapping):
             out: dict[str, Any] = {}
             for k, v in cast("Mapping[object, object]", value).items():
-                key = self.scrub_text(k) if isinstance(k, str) else k
-                if isinstance(k, str) and _secret_key(k) and not _plain_scalar(v):
-                    out[str(key)] = v if is_redaction(v) else self._marker(_stable_text(v))
+                key, secret = self._mapping_key(k) if isinstance(k, str) else (str(k), False)
+                if secret and not _plain_scalar(v):
+                    out[key] = v if is_redaction(v) else self._marker(_stable_text(v))
                 else:
-                    out[str(key)] = self.redact(v)
+                    out[key] = self.redact(v)
             return out
         if isinstance(value, list | tuple):
             return [self.redact(v) for v in cast("Sequence[object]", value)]
         return value
+
+    def _mapping_key(self, k: str) -> tuple[str, bool]:
+        """``k`` scrubbed, and whether it names a secret; remembered for short keys.
+
+        The memory is bounded (emptied when full): keys come from agents and downstreams.
+        """
+        known = self._keys.get(k)
+        if known is None:
+            known = (self.scrub_text(k), _secret_key(k))
+            if len(k) <= _KEY_MEMO_LENGTH:
+                if len(self._keys) >= _KEY_MEMO_SIZE:
+                    self._keys.clear()
+                self._keys[k] = known
+        return known
 
     def excerpt(self, text: str, limit: int | None = None) -> dict[str, Any]:
         """A bounded, redacted excerpt of result text and the size of the whole.

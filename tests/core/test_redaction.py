@@ -282,3 +282,15 @@ def test_a_github_token_never_survives_in_any_surrounding_text(body: str, around
     out = r.redact({"args": [f"{around} {token} {around}"], "token": token})
     assert token not in repr(out)
     assert out["token"] == {"redacted": r.fingerprint(token)}
+
+
+def test_keys_are_judged_the_same_every_time_however_many_are_seen() -> None:
+    redactor = Redactor(KEY)
+    names = [f"field{n}" for n in range(5000)] + ["password", "x" * 100 + "_token", "api_key"]
+    value = {name: "value-1234567890" for name in names}
+    first = redactor.redact(value)
+    again = redactor.redact(value)
+    assert first == again == Redactor(KEY).redact(value)
+    assert first["field7"] == "value-1234567890"
+    for secret in ("password", "x" * 100 + "_token", "api_key"):
+        assert is_redaction(first[secret])
