@@ -6,7 +6,9 @@ so a busy broker pays one commit for many calls. When the recorder is idle (no e
 being committed) a caller commits its lone event itself, on its own task: handing it to the
 writer task and being woken again would cost two task switches for nothing to batch with. One
 lock lets a single commit run at a time, and a caller takes that shortcut only when no earlier
-event is outstanding, so events commit in the order they were handed in either way. A commit
+event is outstanding, so events commit in the order they were handed in either way (one
+exception: a caller cancelled while its event waits in the queue stops holding the shortcut
+back, so a later event may commit first; both still get their own places in the chain). A commit
 is the only place that assigns a session's ``seq`` and ``prev_hash``: the recorder keeps each
 session's chain head in memory (loaded with `session_head` the first time a resumed session is
 seen) and advances it only once the batch is committed. When a batch fails, every waiter in it
