@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -94,9 +94,17 @@ class _Pending:
     decision_id: str | None
     durable: bool = True
     alone: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
     result: RecordedEvent | None = None
     error: BaseException | None = None
+    finished: bool = False
+    _done: anyio.Event | None = None
+    """Made only for a waiter that must sleep: the idle shortcut never waits on it."""
+
+    async def wait(self) -> None:
+        if not self.finished:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
 
     def outcome(self) -> RecordedEvent:
         if self.error is not None:
@@ -107,11 +115,16 @@ class _Pending:
 
     def resolve(self, result: RecordedEvent) -> None:
         self.result = result
-        self.done.set()
+        self._finish()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.done.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +249,13 @@ class Recorder:
         await self._store.open_session(record)
         identity = session_identity(record)
         await self._submit(
-            _Pending(record.id, record.started_at, EventKind.SESSION_OPENED, identity, None)
+            _Pending(
+                record.id,
+                record.started_at,
+                EventKind.SESSION_OPENED,
+                normalize_json(identity),
+                None,
+            )
         )
         return SessionHandle(self, record)
 
@@ -296,7 +315,13 @@ class Recorder:
             extra: dict[str, Any] = {} if reason is None else {"reason": reason}
             try:
                 closing = await self._submit(
-                    _Pending(session_id, self._now(), EventKind.SESSION_CLOSED, extra, None)
+                    _Pending(
+                        session_id,
+                        self._now(),
+                        EventKind.SESSION_CLOSED,
+                        normalize_json(extra),
+                        None,
+                    )
                 )
             except Conflict:
                 sealed = await self._sealed_by_now(session_id)
@@ -345,7 +370,7 @@ class Recorder:
                 await self._send.send(pending)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 raise StoreUnavailable("the recorder is shutting down") from None
-            await pending.done.wait()
+            await pending.wait()
         finally:
             self._outstanding -= 1
         return pending.outcome()
@@ -398,7 +423,7 @@ class Recorder:
         """Nobody may wait forever, or believe an unconfirmed event was recorded."""
         for p in batch:
             self._heads.pop(p.session_id, None)
-            if not p.done.is_set():
+            if not p.finished:
                 p.fail(error)
 
     async def _head(self, session_id: str) -> tuple[int, str]:
@@ -430,7 +455,10 @@ class Recorder:
             payload = p.payload
             if p.kind == EventKind.SESSION_CLOSED:
                 payload = {**payload, "event_count": seq + 1}
-            event = seal_event(p.session_id, seq + 1, p.at, p.kind, payload, p.decision_id, prev)
+            # Every payload was normalised when it was handed in (`_Pending.payload`).
+            event = seal_event(
+                p.session_id, seq + 1, p.at, p.kind, payload, p.decision_id, prev, normalized=True
+            )
             heads[p.session_id] = (event.seq, event.hash)
             groups.setdefault(p.session_id, []).append((p, event))
         if not groups:

@@ -83,6 +83,10 @@ class RecordedEvent:
     prev_hash: str
     hash: str
     decision_id: str | None = None
+    payload_json: str | None = field(default=None, compare=False, repr=False)
+    """The payload as canonical JSON text (what the hash covers), when `seal_event` made it:
+    a store may write it as the payload column's text instead of serialising the payload again
+    (it reads back as the same value). Not part of the event's identity."""
 
 
 class EventKind(StrEnum):
@@ -168,28 +172,44 @@ def normalize_json(value: object) -> Any:
         ValueError: a float is NaN or infinite, a mapping key is not a string, or a value is
             not JSON-shaped.
     """
-    if value is None or isinstance(value, bool | int):
+    kind = type(value)
+    # The exact types redaction and JSON parsing give come first: on every recorded event, an
+    # ABC check (``Mapping``) would cost more than the rest of the work.
+    if kind is str:
+        return _clean_str(cast(str, value))
+    if kind is dict:
+        return _normalize_mapping(cast("Mapping[object, object]", value))
+    if kind is list:
+        return [normalize_json(v) for v in cast("list[object]", value)]
+    if value is None or kind is bool or kind is int:
+        return value
+    if kind is float or isinstance(value, float):
+        number = cast(float, value)
+        if not math.isfinite(number):
+            raise ValueError("recorded numbers must be finite")
+        return int(number) if number.is_integer() else number
+    if isinstance(value, bool | int):
         return value
     if isinstance(value, str):
         return _clean_str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError("recorded numbers must be finite")
-        return int(value) if value.is_integer() else value
     if isinstance(value, datetime):
         return format_timestamp(value)
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in cast("Mapping[object, object]", value).items():
-            if not isinstance(k, str):
-                raise ValueError(f"recorded mapping keys must be strings, found {type(k).__name__}")
-            out[_clean_str(k)] = normalize_json(v)
-        return out
+        return _normalize_mapping(cast("Mapping[object, object]", value))
     if isinstance(value, list | tuple):
         return [normalize_json(v) for v in cast("Sequence[object]", value)]
     raise ValueError(f"cannot record a value of type {type(value).__name__}")
+
+
+def _normalize_mapping(value: Mapping[object, object]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise ValueError(f"recorded mapping keys must be strings, found {type(k).__name__}")
+        out[_clean_str(k)] = normalize_json(v)
+    return out
 
 
 def genesis_hash(session_id: str) -> str:
@@ -213,6 +233,13 @@ def canonical_event_bytes(
     return _canonical_bytes(session_id, seq, at, kind, normalize_json(payload), decision_id)
 
 
+_canonical_json = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+"""Canonical JSON text of a normalised value (one encoder, built once: `json.dumps` with these
+options would build a new one per call)."""
+
+
 def _canonical_bytes(
     session_id: str,
     seq: int,
@@ -222,18 +249,23 @@ def _canonical_bytes(
     decision_id: str | None,
 ) -> bytes:
     """`canonical_event_bytes` of a payload `normalize_json` already returned."""
-    body = {
-        "at": format_timestamp(at),
-        "decision_id": decision_id,
-        "kind": str(kind),
-        "payload": clean,
-        "seq": seq,
-        "session_id": session_id,
-    }
-    text = json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    return _canonical_text(session_id, seq, at, kind, _canonical_json(clean), decision_id).encode()
+
+
+def _canonical_text(
+    session_id: str, seq: int, at: datetime, kind: str, payload_json: str, decision_id: str | None
+) -> str:
+    """The canonical event as text, around a payload already in canonical JSON.
+
+    Exactly what the canonical encoder makes of the whole event object, built by hand: the keys
+    are written in sorted order (``at`` < ``decision_id`` < ``kind`` < ``payload`` < ``seq`` <
+    ``session_id``), so the payload's text is made once and serves the store as well.
+    """
+    return (
+        f'{{"at":"{format_timestamp(at)}","decision_id":{_canonical_json(decision_id)},'
+        f'"kind":{_canonical_json(str(kind))},"payload":{payload_json},"seq":{int(seq)},'
+        f'"session_id":{_canonical_json(session_id)}}}'
     )
-    return text.encode("utf-8")
 
 
 def chain_hash(prev_hash: str, canonical: bytes) -> str:
@@ -253,8 +285,13 @@ def seal_event(
     payload: Mapping[str, Any],
     decision_id: str | None,
     prev_hash: str,
+    *,
+    normalized: bool = False,
 ) -> RecordedEvent:
     """The event at ``seq`` following ``prev_hash``, with its payload normalised and its hash.
+
+    ``normalized=True`` says ``payload`` is already what `normalize_json` returns (the recorder
+    normalises once, when the event is handed in); it is then used as it is.
 
     Raises:
         ValueError: ``at`` is naive, ``seq`` < 1, or the payload is not JSON-shaped.
@@ -263,8 +300,9 @@ def seal_event(
         raise ValueError("event time must be timezone-aware")
     if seq < 1:
         raise ValueError(f"seq starts at 1, got {seq}")
-    clean: dict[str, Any] = normalize_json(payload)
-    canonical = _canonical_bytes(session_id, seq, at, kind, clean, decision_id)
+    clean: dict[str, Any] = dict(payload) if normalized else normalize_json(payload)
+    payload_json = _canonical_json(clean)
+    canonical = _canonical_text(session_id, seq, at, kind, payload_json, decision_id).encode()
     return RecordedEvent(
         session_id=session_id,
         seq=seq,
@@ -274,6 +312,7 @@ def seal_event(
         prev_hash=prev_hash,
         hash=chain_hash(prev_hash, canonical),
         decision_id=decision_id,
+        payload_json=payload_json,
     )
 
 

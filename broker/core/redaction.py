@@ -188,7 +188,7 @@ class Redactor:
     erasing ordinary words). ``excerpt_chars`` bounds recorded result text.
     """
 
-    __slots__ = ("_excerpt_chars", "_key", "_keys", "_known")
+    __slots__ = ("_clean", "_excerpt_chars", "_key", "_keys", "_known")
 
     def __init__(self, key: bytes, *, known: Iterable[str] = (), excerpt_chars: int = 2048) -> None:
         if len(key) < 16:
@@ -200,6 +200,10 @@ class Redactor:
         self._excerpt_chars = excerpt_chars
         self._keys: dict[str, tuple[str, bool]] = {}
         """Mapping keys seen before: (scrubbed, names a secret). Keys repeat on every call."""
+        self._clean: set[str] = set()
+        """Short string values seen before that hold no secret (tool names, methods, scope and
+        connector ids repeat on every call). Never a secret: only values redaction left as
+        they were are remembered. Bounded like ``_keys``."""
 
     def fingerprint(self, secret: str) -> str:
         """``hmac-sha256:<hex16>`` of ``secret`` under the key: equal values, equal marks."""
@@ -249,9 +253,23 @@ class Redactor:
 
     def redact(self, value: object) -> Any:
         """A copy of a JSON-shaped ``value`` with every secret replaced (see the module doc)."""
-        if isinstance(value, str):
-            return self._marker(value) if self._whole_secret(value) else self.scrub_text(value)
-        if isinstance(value, Mapping):
+        kind = type(value)
+        # Exact types first: this runs on every recorded event, where ABC checks add up.
+        if value is None or kind is bool or kind is int or kind is float:
+            return value
+        if kind is str or (kind is not dict and kind is not list and isinstance(value, str)):
+            value = cast(str, value)
+            if value in self._clean:
+                return value
+            if self._whole_secret(value):
+                return self._marker(value)
+            scrubbed = self.scrub_text(value)
+            if scrubbed == value and len(value) <= _KEY_MEMO_LENGTH:
+                if len(self._clean) >= _KEY_MEMO_SIZE:
+                    self._clean.clear()
+                self._clean.add(value)
+            return scrubbed
+        if kind is dict or (kind is not list and isinstance(value, Mapping)):
             out: dict[str, Any] = {}
             for k, v in cast("Mapping[object, object]", value).items():
                 key, secret = self._mapping_key(k) if isinstance(k, str) else (str(k), False)
@@ -260,7 +278,7 @@ class Redactor:
                 else:
                     out[key] = self.redact(v)
             return out
-        if isinstance(value, list | tuple):
+        if kind is list or isinstance(value, list | tuple):
             return [self.redact(v) for v in cast("Sequence[object]", value)]
         return value
 

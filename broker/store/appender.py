@@ -21,11 +21,13 @@ back is written again), and writes one batch as one transaction:
   failed guard aborts the whole statement and nothing is written. A ``durable=False`` batch uses
   the same statement with ``synchronous_commit`` set off for its own transaction only.
 
-Values pass through the columns' own SQLAlchemy bind processors, so a row is stored exactly as
-the ORM path stores it and reads back through it identically. `append` answers False, having
-written nothing, when a guard or a constraint refused the batch; the store then redoes the batch
-on its checked path, which finds out and names the conflict. Driver errors are raised unchanged
-for the store to map (after the connection has been discarded).
+Values pass through the columns' own SQLAlchemy bind processors, so a row reads back through the
+ORM path as the ORM would have stored it; the one exception is a payload handed in as its
+canonical JSON text (`PreEncoded`), written as it is, which reads back as the same value.
+`append` answers False, having written nothing, when a guard or a constraint refused the batch;
+the store then redoes the batch on its checked path, which finds out and names the conflict.
+Driver errors are raised unchanged for the store to map (after the connection has been
+discarded).
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from broker.store.tables import EventRow
 
-__all__ = ["Advance", "Appender", "PostgresAppender", "SqliteAppender", "open_appender"]
+__all__ = [
+    "Advance",
+    "Appender",
+    "PostgresAppender",
+    "PreEncoded",
+    "SqliteAppender",
+    "open_appender",
+]
 
 _EVENT_COLUMNS: Sequence[Column[Any]] = list(cast(Table, EventRow.__table__).columns)
 _EVENT_NAMES = ", ".join(c.name for c in _EVENT_COLUMNS)
@@ -76,6 +85,19 @@ class Advance:
     last_hash: str
     new_count: int
     new_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreEncoded:
+    """A column value already in the form the column's bind processor would give it.
+
+    Used for an event's payload, whose canonical JSON text `broker.core.recording.seal_event`
+    made for the hash anyway: written as it is instead of being serialised a second time. It
+    reads back through the JSON column as the same value (key order aside, which the hash does
+    not depend on).
+    """
+
+    value: Any
 
 
 class Appender(Protocol):
@@ -137,13 +159,18 @@ def _encoders(dialect: Dialect) -> list[Callable[[Any], Any] | None]:
 def _encode(
     encoders: Sequence[Callable[[Any], Any] | None], events: Sequence[Mapping[str, Any]]
 ) -> list[tuple[Any, ...]]:
-    return [
-        tuple(
-            e[c.name] if encode is None else encode(e[c.name])
-            for c, encode in zip(_EVENT_COLUMNS, encoders, strict=True)
-        )
-        for e in events
-    ]
+    named = list(zip([c.name for c in _EVENT_COLUMNS], encoders, strict=True))
+    rows: list[tuple[Any, ...]] = []
+    for e in events:
+        row: list[Any] = []
+        for name, encode in named:
+            value = e[name]
+            if type(value) is PreEncoded:
+                row.append(value.value)
+            else:
+                row.append(value if encode is None else encode(value))
+        rows.append(tuple(row))
+    return rows
 
 
 class SqliteAppender:

@@ -58,7 +58,7 @@ from broker.core.recording import RecordedEvent, SessionRecord
 from broker.core.revocation import IssuedToken, Revocation, RevocationKind
 from broker.errors import NotFound, StoreError, StoreUnavailable
 from broker.ports import ReviewLoginRecord, SigningKeyRecord, StoredConnector
-from broker.store.appender import Advance, open_appender
+from broker.store.appender import Advance, PreEncoded, open_appender
 from broker.store.errors import Conflict
 from broker.store.tables import (
     AdminTokenRow,
@@ -766,7 +766,7 @@ class SqlStore:
                 for c in by_session.values()
             ]
             with self._translated(conflict):
-                rows = [_event_values(e) for e in events]
+                rows = [_appended_values(e) for e in events]
                 if await self._appender.append(advances, rows, durable=durable, alone=alone):
                     return
             # Refused as a whole: this checked path finds and names the conflict (or, had the
@@ -1102,17 +1102,24 @@ def _session(row: SessionRow) -> SessionRecord:
     )
 
 
-def _event_values(e: RecordedEvent) -> dict[str, Any]:
+def _event_values(e: RecordedEvent, payload: Any = None) -> dict[str, Any]:
+    """The events row of ``e``; ``payload`` replaces the payload column's value when given."""
     return {
         "session_id": e.session_id,
         "seq": e.seq,
         "at": e.at,
         "kind": e.kind,
         "decision_id": e.decision_id,
-        "payload": dict(e.payload),
+        "payload": dict(e.payload) if payload is None else payload,
         "prev_hash": e.prev_hash,
         "hash": e.hash,
     }
+
+
+def _appended_values(e: RecordedEvent) -> dict[str, Any]:
+    """`_event_values` for the appender: the payload as the canonical text sealing made."""
+    text = e.payload_json
+    return _event_values(e, None if text is None else PreEncoded(text))
 
 
 def _event(row: EventRow) -> RecordedEvent:

@@ -237,6 +237,44 @@ def test_canonical_bytes_are_stable_across_a_json_store_round_trip(
     assert normalize_json(stored_payload) == event.payload
 
 
+@given(
+    payload=st.dictionaries(st.text(max_size=8), _json_values(), max_size=5),
+    session_id=st.text(max_size=12),
+    seq=st.integers(min_value=1, max_value=2**40),
+    kind=st.text(max_size=12),
+    decision_id=st.none() | st.text(max_size=12),
+)
+def test_canonical_bytes_are_exactly_the_sorted_compact_json_of_the_event(
+    payload: dict[str, Any], session_id: str, seq: int, kind: str, decision_id: str | None
+) -> None:
+    """The canonical event is built by hand around the payload's text (made once, reused by the
+    store): it must be byte for byte what a JSON encoder makes of the whole object."""
+    clean = normalize_json(payload)
+    expected = json.dumps(
+        {
+            "session_id": normalize_json(session_id),
+            "seq": seq,
+            "at": format_timestamp(T0),
+            "kind": normalize_json(kind),
+            "decision_id": normalize_json(decision_id),
+            "payload": clean,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    ).encode()
+    sid, k, did = normalize_json(session_id), normalize_json(kind), normalize_json(decision_id)
+    assert canonical_event_bytes(sid, seq, T0, k, payload, did) == expected
+    event = seal_event(sid, seq, T0, k, payload, did, genesis_hash("s"))
+    assert event.payload_json is not None
+    assert json.loads(event.payload_json) == clean
+    assert event.hash == chain_hash(genesis_hash("s"), expected)
+    again = seal_event(sid, seq, T0, k, clean, did, genesis_hash("s"), normalized=True)
+    assert again == event
+    assert again.payload_json == event.payload_json
+
+
 # --- verification ---------------------------------------------------------------------------
 
 

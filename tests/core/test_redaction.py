@@ -294,3 +294,16 @@ def test_keys_are_judged_the_same_every_time_however_many_are_seen() -> None:
     assert first["field7"] == "value-1234567890"
     for secret in ("password", "x" * 100 + "_token", "api_key"):
         assert is_redaction(first[secret])
+
+
+def test_values_are_judged_the_same_every_time_however_many_are_seen() -> None:
+    """Clean short values are remembered (bounded); a secret is never remembered or let through."""
+    redactor = Redactor(KEY, known=["known-secret-value"])
+    secrets = ["AKIAIOSFODNN7EXAMPLE", "known-secret-value", "Bearer abcDEF123456789xyz"]
+    values = [f"plain value {n}" for n in range(5000)] + secrets
+    first = [redactor.redact(v) for v in values]
+    again = [redactor.redact(v) for v in values]
+    assert first == again == [Redactor(KEY, known=["known-secret-value"]).redact(v) for v in values]
+    assert first[7] == "plain value 7"
+    for secret in secrets:
+        assert secret not in repr(again)
