@@ -55,8 +55,8 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
-    calls: int = 500
-    rounds: int = 3
+    calls: int = 150
+    rounds: int = 10
     concurrencies: tuple[int, ...] = (1, 16)
     protocol: str = "2026"
     warmup: int = 20
@@ -292,27 +292,35 @@ async def _wait_tool_visible(endpoint: Endpoint, mode: str, workdir: Path) -> No
 
 @asynccontextmanager
 async def broker_endpoint(
-    protocol: str, sandbox: str = "auto", store_url: str = SQLITE_STORE
+    protocol: str, sandbox: str = "auto", store_url: str = SQLITE_STORE, *, record: bool = True
 ) -> AsyncIterator[Endpoint]:
     """`broker serve` in a child process fronting the echo server as a stdio connector.
 
     ``sandbox`` is the echo connector's sandbox mode: ``auto`` (jailed where the platform
     allows, the default for every stdio connector), ``required`` or ``off``. ``store_url`` is
-    the broker's store (a SQLite file in its folder by default).
+    the broker's store (a SQLite file in its folder by default). ``record=False`` serves the
+    same config with recording off (`bench.unrecorded`): the endpoint is then named
+    ``mediation`` rather than ``broker``.
     """
     with _broker_workdir() as workdir:
         port = _free_port()
         token = await anyio.to_thread.run_sync(prepare_broker, workdir, port, sandbox, store_url)
-        broker = Path(sys.executable).parent / "broker"
+        config = str(workdir / "broker.toml")
         env = {**os.environ, "BROKER_LOG_LEVEL": "WARNING"}
-        command = [str(broker), "serve", "--config", str(workdir / "broker.toml")]
+        if record:
+            command = [str(Path(sys.executable).parent / "broker"), "serve", "--config", config]
+        else:
+            command = [sys.executable, "-m", "bench.unrecorded", "--config", config]
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+            )
         process = await anyio.open_process(
             command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=None
         )
         try:
             base = f"http://127.0.0.1:{port}"
             await _wait_healthy(base, process)
-            endpoint = Endpoint("broker", f"{base}/mcp", token)
+            endpoint = Endpoint("broker" if record else "mediation", f"{base}/mcp", token)
             await _wait_tool_visible(endpoint, MODES[protocol], workdir)
             yield endpoint
         finally:

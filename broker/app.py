@@ -51,6 +51,8 @@ class Services:
     metrics: Any = None
     scopes: dict[str, Any] = field(default_factory=dict[str, Any])
     ready: bool = False
+    record: bool = True
+    """False only for `make bench`'s unrecorded target (see `create_app`)."""
 
 
 class _BrokerApp(Starlette):
@@ -101,8 +103,14 @@ def create_app(
     store: Store | None = None,
     clock: Clock | None = None,
     environ: Mapping[str, str] | None = None,
+    record: bool = True,
 ) -> Starlette:
     """Build the broker's ASGI app. Nothing is opened until the lifespan runs.
+
+    ``record=False`` builds a broker that records nothing: no sessions, no events, every other
+    stage of mediation unchanged. It exists for one purpose, measuring what recording costs per
+    call (`make bench` runs this beside the full broker); no configuration key or command reaches
+    it, since a broker that keeps no record breaks "What must hold" 7.
 
     Raises:
         ConfigError: (from the lifespan) a scope file, connector or key is unusable.
@@ -112,6 +120,7 @@ def create_app(
         clock=clock or SystemClock(),
         environ=os.environ if environ is None else environ,
         store=store,
+        record=record,
     )
     deferred = _Deferred()
 
@@ -184,9 +193,10 @@ async def _start(services: Services, stack: AsyncExitStack) -> None:
     except ScopeError as exc:
         raise ConfigError(str(exc)) from None
     services.scopes = {d.name: d for d in definitions}
-    services.recorder = await stack.enter_async_context(
-        Recorder(store, clock=clock, redactor=_redactor(config, services.environ))
-    )
+    if services.record:
+        services.recorder = await stack.enter_async_context(
+            Recorder(store, clock=clock, redactor=_redactor(config, services.environ))
+        )
     services.verifier = BrokerTokenVerifier.from_config(
         config, services.keyring, services.revocations, clock, store
     )

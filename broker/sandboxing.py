@@ -60,7 +60,13 @@ class EgressRecorder:
         self._lock = anyio.Lock()
 
     async def __call__(self, event: EgressEvent) -> None:
-        """Record ``event``; raises (so the proxy refuses) when the record cannot be written."""
+        """Record ``event``; raises (so the proxy refuses) when the record cannot be written.
+
+        A broker built to record nothing (``create_app(record=False)``, the bench's) has no
+        recorder: the attempt is then only decided, as everything else there is.
+        """
+        if self._recorder is None:
+            return
         session_id = connector_session_id(event.connector_id)
         await self._ensure(session_id)
         payload: dict[str, Any] = {

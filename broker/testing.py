@@ -141,8 +141,12 @@ async def served_broker(
     connectors: Sequence[ConnectorConfig] = (DEMO,),
     scopes_toml: str = DEMO_SCOPES,
     tokens: Mapping[str, Any] | None = None,
+    record: bool = True,
 ) -> AsyncIterator[ServedBroker]:
-    """A broker from `create_app`, served on loopback, with every tool approved."""
+    """A broker from `create_app`, served on loopback, with every tool approved.
+
+    ``record=False`` builds it not to record (`create_app`'s bench-only switch).
+    """
     scope_file = tmp_path / "scopes.toml"
     scope_file.write_text(scopes_toml, encoding="utf-8")
     late = LateApp()
@@ -155,7 +159,7 @@ async def served_broker(
             connectors=tuple(connectors),
             base_dir=tmp_path,
         )
-        app = create_app(config, environ={"PATH": os.environ.get("PATH", "")})
+        app = create_app(config, environ={"PATH": os.environ.get("PATH", "")}, record=record)
         async with app.router.lifespan_context(app):
             broker = ServedBroker(url, app, app.state.services)
             await broker.approve_all()
