@@ -259,7 +259,10 @@ def _content(step: Call) -> str | None:
 
 
 async def replay(tmp_path: Path, script: Script) -> Replay:
-    t0 = datetime.now(UTC)
+    # Script time 0 is the top of a minute, as in the engine replay (tests/scenarios), so a run
+    # is reproducible: rates are counted per clock minute. The engine replay also checks every
+    # script at every second of the minute.
+    t0 = datetime.now(UTC).replace(second=0, microsecond=0)
     clock = SetClock(t0)
     out = Replay(script.name)
     TRANSIENT["fail_next"] = False

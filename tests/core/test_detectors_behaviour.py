@@ -117,21 +117,53 @@ def test_a_new_agent_is_held_to_the_floor_and_a_flood_hits_the_cap() -> None:
 
 
 def test_an_agents_own_baseline_raises_the_spike_threshold_and_idle_minutes_decay_it() -> None:
-    cfg = config(rate={"spike_floor_per_minute": 10, "spike_factor": 2.0, "ewma_alpha": 0.1})
+    cfg = config(rate={"spike_floor_per_minute": 10, "spike_factor": 4.0, "ewma_alpha": 0.1})
     book = DetectorBook(cfg)
-    busy = [obs(m * 100 + i) for m in range(3) for i in range(9)]
+    busy = [obs(m * 100 + i) for m in range(3) for i in range(5)]
     verdicts = [
-        book.precheck(o, T0 + timedelta(minutes=i // 9, seconds=(i % 9) * 6))
+        book.precheck(o, T0 + timedelta(minutes=i // 5, seconds=(i % 5) * 12))
         for i, o in enumerate(busy)
     ]
     assert not any(v.signals for v in verdicts)
-    burst = feed(book, [obs(1000 + i) for i in range(17)], every=1.0, start=240)
-    assert not any(v.signals for v in burst[:16])
-    assert fired(burst[16]) == {"rate-spike"}
-    assert dict(burst[16].signals[0].values)["threshold"] == pytest.approx(16.2)
+    # Minute 4: the baseline is minutes 0-2 (5 a minute), lowered by the idle minute 3.
+    burst = feed(book, [obs(1000 + i) for i in range(19)], every=1.0, start=240)
+    assert not any(v.signals for v in burst[:18])
+    assert fired(burst[18]) == {"rate-spike"}
+    assert dict(burst[18].signals[0].values)["threshold"] == pytest.approx(18.0)
     later = feed(book, [obs(3000 + i) for i in range(11)], every=1.0, start=3840)
     assert not any(v.signals for v in later[:10])
     assert fired(later[10]) == {"rate-spike"}
+
+
+def test_a_flood_is_judged_against_the_same_threshold_wherever_it_starts_in_the_minute() -> None:
+    """The flood's own calls never raise the threshold it is judged against.
+
+    A steady agent (12 calls a minute for five minutes) floods at 400 a minute, starting at
+    every second of a minute in turn. Wherever the minute turns over, the threshold is at most
+    ``8 x 12`` (lower where a quiet minute before the flood decays the baseline), so the flood
+    is stopped within about 100 calls: sooner where the steady calls of the minute before still
+    count in the sliding window, a few later where the flood straddles the turn of the minute
+    (the estimate spreads the previous minute's calls evenly over it). Learning the flood's
+    first minute as the baseline would let it run to the 300-a-minute cap.
+    """
+    stops: set[int] = set()
+    thresholds: set[float] = set()
+    for phase in range(60):
+        book = DetectorBook(config())
+        feed(book, [obs(i) for i in range(60)], every=5.0)
+        flood = feed(book, [obs(1000 + i) for i in range(200)], every=0.15, start=300 + phase)
+        first = next(i for i, v in enumerate(flood) if "rate-spike" in fired(v))
+        stops.add(first + 1)
+        thresholds.add(dict(flood[first].signals[0].values)["threshold"])
+    assert max(thresholds) == 96.0
+    assert max(stops) <= 104
+
+
+def test_a_minute_that_fired_is_not_learned_so_a_sustained_flood_stays_abnormal() -> None:
+    book = DetectorBook(config(rate={"cap_per_minute": 10_000}))
+    feed(book, [obs(i) for i in range(60)], every=5.0)
+    flood = feed(book, [obs(1000 + i) for i in range(4000)], every=0.15, start=300)
+    assert all("rate-spike" in fired(v) for v in flood[100:])
 
 
 def test_a_clock_stepping_back_counts_in_the_current_minute() -> None:

@@ -70,14 +70,21 @@ def _observation(script: Script, n: int, call: Call, token: Token) -> Observatio
     )
 
 
-def run(script: Script, config: DetectorsConfig | None = None, *, until_stop: bool = True) -> Run:
-    """Replay ``script``; stop at the first attacking call the engine stops (if ``until_stop``)."""
+def run(
+    script: Script,
+    config: DetectorsConfig | None = None,
+    *,
+    until_stop: bool = True,
+    start: datetime = T0,
+) -> Run:
+    """Replay ``script`` from ``start`` (script time 0); stop at the first attacking call the
+    engine stops (if ``until_stop``)."""
     book = DetectorBook(config or corpus_config())
     tokens = {t.alias: t for t in script.tokens}
     out = Run(script)
     in_attack = False
     for n, step in enumerate(script.steps):
-        now = T0 + timedelta(seconds=step.at)
+        now = start + timedelta(seconds=step.at)
         if isinstance(step, CloseTask):
             book.close_task(step.task, f"{script.name}#close-{n}")
             continue

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from broker.core.detectors import Response
 from tests.scenarios.corpus import ATTACKS, BENIGN, Call, Script
-from tests.scenarios.driver import corpus_config, run
+from tests.scenarios.driver import T0, corpus_config, run
 
 
 def test_the_corpus_holds_at_least_ten_benign_workloads_and_ten_attacks() -> None:
@@ -34,6 +36,25 @@ def test_attack_is_stopped_within_its_bound_by_the_expected_detector(script: Scr
     assert set(script.expect) <= fired
     for signal in result.stop.signals:
         assert signal.refs, "every signal names the events that triggered it"
+
+
+def test_every_script_holds_wherever_it_starts_in_the_minute() -> None:
+    """Rates are counted per clock minute, so a script must not depend on where it starts.
+
+    Each script is replayed starting at every second of a minute: attacks are still stopped
+    within their bound, benign workloads are still never held.
+    """
+    misses: list[str] = []
+    for phase in range(60):
+        start = T0 + timedelta(seconds=phase)
+        for script in BENIGN:
+            if run(script, until_stop=False, start=start).enforced:
+                misses.append(f"{script.name} held at +{phase}s")
+        for script in ATTACKS:
+            stopped = run(script, start=start).stopped_at
+            if stopped is None or stopped > (script.stop_within or 0):
+                misses.append(f"{script.name} stopped at {stopped} at +{phase}s")
+    assert misses == []
 
 
 @pytest.mark.parametrize("script", ATTACKS, ids=lambda s: s.name)
