@@ -154,7 +154,7 @@ def test_a_flood_is_judged_against_the_same_threshold_wherever_it_starts_in_the_
         flood = feed(book, [obs(1000 + i) for i in range(200)], every=0.15, start=300 + phase)
         first = next(i for i, v in enumerate(flood) if "rate-spike" in fired(v))
         stops.add(first + 1)
-        thresholds.add(dict(flood[first].signals[0].values)["threshold"])
+        thresholds.add(float(dict(flood[first].signals[0].values)["threshold"]))
     assert max(thresholds) == 96.0
     assert max(stops) <= 104
 
