@@ -6,7 +6,9 @@ gives the answer (deny overrides allow; nothing granting means deny):
  1. principal: no verified token -> ``token-invalid`` (nothing is recorded: there is no session);
  2. recorded session, opened lazily (see "Sessions") -> ``store-unavailable`` if it cannot be;
  3. token problem from the revocation view: ``token-revoked``, ``agent-quarantined``,
-    ``agent-disabled``, or ``store-unavailable`` when the view is staler than its bound;
+    ``agent-disabled``, or ``store-unavailable`` when the view is staler than its bound; and
+    ``task-closed`` for a token whose task its agent closed (the only one of these the detectors
+    are fed: the use of a closed task's token is what ``task-closed-use`` watches for);
  4. route and pin status from the registry snapshot (a covered tool whose connector announced a
     change waits for its re-pinning, else ``upstream-unavailable``);
  5. `broker.core.policy.decide` with the token's `TokenPolicy` (built once per token, bounded
@@ -201,6 +203,8 @@ class TokenCheck(Protocol):
     """The revocation view (`broker.revocations.RevocationCache`)."""
 
     def check(self, claims: TokenClaims, now: Any) -> Reason | None: ...
+
+    def closed_ref(self, task_id: str) -> str | None: ...
 
 
 class MediationStore(Protocol):
@@ -849,10 +853,18 @@ class Mediator:
         auth: Authorization,
         raw_args: Mapping[str, Any],
     ) -> Verdict:
-        """Run the detectors on a decided call (not on token problems: those are stopped)."""
+        """Run the detectors on a decided call (not on token problems: those are stopped).
+
+        A closed task's call is observed: the detectors hear of the close here, from the
+        revocation view, so a task closed through another replica is known on this one too.
+        """
         book = self.detectors
         if book is None or auth.decision.reasons & _UNOBSERVED:
             return Verdict()
+        if Reason.TASK_CLOSED in auth.decision.reasons and self.revocations is not None:
+            closed = self.revocations.closed_ref(principal.task_id)
+            if closed is not None:
+                book.close_task(principal.task_id, closed)
         token = self.token(principal)
         allowed = auth.decision.allowed and route is not None
         observation = Observation(

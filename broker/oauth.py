@@ -18,6 +18,10 @@ Shell adapter: HTTP in, `broker.agents` and `broker.token_service` do the work. 
   and ignored (the broker issues access tokens only). A token that does not verify (malformed,
   expired, foreign) is answered 200 like a revoked one, as RFC 7009 §2.2 says; a valid token of
   another agent is refused with ``unauthorized_client`` and stays valid.
+  Broker extension: ``close_task=true`` closes the token's *task* instead (its work is over; see
+  `TokenService.close_task`): only the agent that started the task, with a token that still
+  verifies, may; a token that does not verify is ``invalid_grant`` here (the agent must learn
+  that nothing was closed), and a delegated token is ``unauthorized_client``.
 - ``GET /.well-known/oauth-authorization-server`` (RFC 8414), ``GET /.well-known/jwks.json``,
   ``GET /.well-known/oauth-protected-resource[/mcp]`` (RFC 9728), and ``GET /oauth/authorize``,
   which only says that no authorization-endpoint flow exists (the SDK's metadata model needs an
@@ -248,13 +252,23 @@ async def _revoke(service: TokenService, request: Request, form: Mapping[str, st
     raw = form.get("token")
     if raw is None:
         raise _BadRequest("invalid_request", "token is required")
+    close = form.get("close_task")
+    if close not in (None, "true", "false"):
+        raise _BadRequest("invalid_request", "close_task must be true or false")
     try:
         claims = service.verifier.verify_claims(raw)
-    except TokenRejected:
+    except TokenRejected as exc:
+        if close == "true":
+            raise _BadRequest(
+                "invalid_grant", f"nothing closed: the token does not verify ({exc.reason})"
+            ) from None
         # RFC 7009 §2.2: an invalid token (expired, malformed, not ours) is not an error.
         return Response(status_code=200, headers=_NO_STORE)
     if agent.id not in (claims.client_id, claims.sub):
         raise _BadRequest("unauthorized_client", "the token was not issued to this client")
+    if close == "true":
+        await service.close_task(claims, agent)
+        return Response(status_code=200, headers=_NO_STORE)
     try:
         await service.revoke_token(
             claims.jti, reason="revoked by its holder", actor=f"agent:{agent.id}"

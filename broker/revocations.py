@@ -199,6 +199,11 @@ class RevocationCache:
         """`broker.core.revocation.check_token` against the current view."""
         return check_token(claims, self.view, now=now, staleness=self.staleness)
 
+    def closed_ref(self, task_id: str) -> str | None:
+        """``revocation:<seq>`` of the revocation that closed ``task_id``, if it is closed."""
+        seq = self.view.closed_tasks.get(task_id)
+        return None if seq is None else f"revocation:{seq}"
+
     async def __aenter__(self) -> Self:
         from broker.store import REVOCATION_CHANNEL
         from broker.store.listen import listener_for

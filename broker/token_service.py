@@ -175,6 +175,14 @@ class TokenService:
                 f"scope needs human approval before a token is issued: {' '.join(gated)}",
             )
 
+    def _check_task_open(self, task_id: str) -> None:
+        """A closed or revoked task is over: it is never reopened by a new token."""
+        view = self.revocations.view
+        if task_id in view.closed_tasks:
+            raise OAuthError("invalid_request", "this task is closed: name a new task")
+        if task_id in view.revoked_tasks:
+            raise OAuthError("invalid_request", "this task is revoked: name a new task")
+
     async def _check_task_owner(self, task_id: str, agent: Agent) -> None:
         for issued in await self.store.list_tokens(task_id=task_id):
             if issued.parent_jti is None and issued.agent_id != agent.id:
@@ -315,6 +323,7 @@ class TokenService:
             raise OAuthError("invalid_request", "expires_in must be a positive number of seconds")
         if task_id is not None:
             await self._check_task_owner(task_id, agent)
+            self._check_task_open(task_id)
         tokens = self.config.tokens
         ttl = min(expires_in or tokens.default_ttl, agent.max_ttl_seconds, tokens.max_ttl)
         now = int(self.clock.now().timestamp())
@@ -523,6 +532,38 @@ class TokenService:
             ValueError: an empty reason.
         """
         return await self._revoke(RevocationKind.TASK, task_id, reason, actor)
+
+    async def close_task(self, claims: TokenClaims, agent: Agent) -> int:
+        """End the task of ``claims`` (a token ``agent`` holds): its work is over.
+
+        Only the agent that started the task may close it, with a token it was issued by client
+        credentials: a delegated sub-agent's token shares its parent's task id but closes
+        nothing (it can revoke its own token instead). Closing is for good and idempotent: the
+        first close is the one on record, and no new token is issued for the task afterwards.
+        Returns the seq of the revocation that closed it.
+        The task's tokens (delegated ones included) still authenticate; every call they make is
+        denied ``task-closed``, recorded, and seen by the ``task-closed-use`` detector (see
+        `broker.core.revocation`).
+
+        Raises:
+            OAuthError: ``unauthorized_client`` when ``agent`` did not start the task.
+        """
+        if claims.delegation is not None or claims.sub != agent.id:
+            raise OAuthError(
+                "unauthorized_client",
+                "only the agent that started a task can close it (a delegated token cannot)",
+            )
+        task_id = claims.task.id
+        seq = self.revocations.view.closed_tasks.get(task_id)
+        if seq is not None:
+            return seq
+        closed = await self._revoke(
+            RevocationKind.TASK_CLOSED,
+            task_id,
+            "closed by the agent that started it",
+            f"agent:{agent.id}",
+        )
+        return closed.seq
 
     async def revoke_agent(self, agent_ref: str, *, reason: str, actor: str) -> Revocation:
         """Revoke every token issued to (or delegated through) an agent until now.

@@ -22,6 +22,7 @@ import time
 from mcp.server.auth.provider import AccessToken
 
 from broker.config import BrokerConfig
+from broker.core.decision import Reason
 from broker.core.tokens import (
     TokenClaims,
     TokenRejected,
@@ -159,12 +160,18 @@ class BrokerTokenVerifier:
         self.verified.put(raw, claims, str(unverified_header(raw)["kid"]))
         return claims
 
-    async def authenticate(self, raw: str) -> TokenClaims:
+    async def authenticate(self, raw: str, *, closed_task_ok: bool = False) -> TokenClaims:
         """Signature, claims, revocation and agent status; refreshes keys on an unknown kid.
+
+        ``closed_task_ok``: a token whose task was closed passes (``task-closed`` otherwise
+        refuses it like the other reasons). Only the MCP door sets it: mediation then denies
+        what the token asks (``task-closed``) and records it, so the use is on the record and
+        reaches the detectors. Everywhere else (token exchange) a closed task's token is refused.
 
         Raises:
             TokenRejected: ``reason`` is a token reason or a `Reason` value (``token-revoked``,
-                ``agent-quarantined``, ``agent-disabled``, ``store-unavailable``).
+                ``agent-quarantined``, ``agent-disabled``, ``store-unavailable``,
+                ``task-closed``).
         """
         try:
             claims = self.verify_claims(raw)
@@ -173,7 +180,7 @@ class BrokerTokenVerifier:
                 raise
             claims = self.verify_claims(raw)
         reason = self.revocations.check(claims, self.clock.now())
-        if reason is not None:
+        if reason is not None and not (closed_task_ok and reason is Reason.TASK_CLOSED):
             raise TokenRejected(reason.value, jti=claims.jti)
         return claims
 
@@ -193,7 +200,7 @@ class BrokerTokenVerifier:
         A store failure while reloading keys is a refusal too (fail closed).
         """
         try:
-            claims = await self.authenticate(token)
+            claims = await self.authenticate(token, closed_task_ok=True)
         except TokenRejected as exc:
             logger.info("token refused", extra={"reason": exc.reason, "jti": exc.jti})
             return None

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client
 
 from broker.config import ConnectorConfig
 from broker.core.identity import AgentStatus
 from connectors import ToolError, ToolSet
-from tests.scenarios.corpus import ATTACKS, BENIGN, CORPUS_CONFIG, Call, Script
+from tests.scenarios.corpus import ATTACKS, BENIGN, CORPUS_CONFIG, Call, CloseTask, Script
 from tests.test_quarantine_e2e import detector_broker, mcp_session, text
 
 CONTENT: dict[str, str] = {}
@@ -178,7 +179,7 @@ DETECTORS: dict[str, Any] = {
     **CORPUS_CONFIG,
     "loops": {**CORPUS_CONFIG.get("loops", {}), "read_budget_bytes": READ_BUDGET // SCALE},
 }
-STOPPED = ("flow-blocked", "anomaly-blocked", "agent-quarantined", "token-revoked")
+STOPPED = ("flow-blocked", "anomaly-blocked", "agent-quarantined", "token-revoked", "task-closed")
 
 
 @dataclass
@@ -249,6 +250,18 @@ def broker_details(
     return out
 
 
+async def close_task(
+    broker: Any, token: str, agent_id: str, secrets: dict[str, str]
+) -> httpx2.Response:
+    name = (await broker.services.store.get_agent(agent_id)).name
+    async with httpx2.AsyncClient(timeout=10) as http:
+        return await http.post(
+            f"{broker.url}/oauth/revoke",
+            data={"token": token, "close_task": "true"},
+            auth=(agent_id, secrets[name]),
+        )
+
+
 def _content(step: Call) -> str | None:
     """What the files tool returns for this step's path: its secrets, or its size (scaled)."""
     if step.secrets:
@@ -285,14 +298,17 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
         for t in script.tokens:
             agent_scopes.setdefault(t.agent, set()).update(t.scopes)
         agents: dict[str, str] = {}
+        secrets: dict[str, str] = {}
         for name, scopes in agent_scopes.items():
-            agent, _ = await broker.add_agent(name, sorted(scopes), max_ttl=3600)
+            agent, secrets[name] = await broker.add_agent(name, sorted(scopes), max_ttl=3600)
             agents[name] = agent.id
         tokens: dict[str, str] = {}
         for t in script.tokens:
             minted = await broker.services.tokens.mint_for(
                 agents[t.agent],
                 scope=" ".join(t.scopes),
+                # A task id is one agent's: two corpus agents' "task-1" are two broker tasks.
+                task_id=f"{t.task}.{t.agent}",
                 purpose=t.purpose or "scenario",
                 expires_in=3600,
                 authorization_details=broker_details(script, t.alias, t.authorization_details),
@@ -302,11 +318,13 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
         attacking = 0
         in_attack = False
         for step in script.steps:
-            # Nothing in the broker closes a task, so a corpus `CloseTask` has nothing to drive
-            # (the benign scripts that close one go on under their other token, or end).
-            if not isinstance(step, Call):
-                continue
             await advance(broker, clock, t0 + timedelta(seconds=step.at))
+            if isinstance(step, CloseTask):
+                # The agent ends its task at the revocation endpoint (``close_task=true``).
+                for t in {t.agent: t for t in script.tokens if t.task == step.task}.values():
+                    closed = await close_task(broker, tokens[t.alias], agents[t.agent], secrets)
+                    assert closed.status_code == 200, closed.text
+                continue
             key = (step.token, step.client)
             if key not in sessions:
                 sessions[key] = await stack.enter_async_context(
@@ -347,12 +365,7 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
 BENIGN_RUN = [s for s in BENIGN if not s.name.startswith("b05")]
 """Every benign workload but b05 (three hours, 722 calls: beyond the 3600 s token lifetime and
 the file's time budget; its pattern, polling plus reads, is covered by b02/b04/b11)."""
-ATTACK_RUN = [s for s in ATTACKS if not s.name.startswith("a13")]
-SKIPPED = {
-    "a13-use-after-task-closed": "nothing in the broker closes a task (DetectorBook.close_task "
-    "has no caller), so a token cannot be used after its task closed; the engine replay in "
-    "tests/scenarios covers the detector",
-}
+ATTACK_RUN = list(ATTACKS)
 SUMMARY: list[str] = []
 
 
@@ -406,8 +419,3 @@ async def test_attacks_are_stopped_within_their_bound_through_the_broker(
         # Planted content may get the call blocked, never the victim switched off.
         assert run.quarantined == []
         assert "flow-blocked" in run.blocked[-1] or "anomaly-blocked" in run.blocked[-1]
-
-
-@pytest.mark.parametrize("name", sorted(SKIPPED))
-def test_scripts_not_replayed_through_the_broker(name: str) -> None:
-    pytest.skip(SKIPPED[name])

@@ -20,6 +20,7 @@ class Reason(StrEnum):
     TOKEN_REVOKED = "token-revoked"
     AGENT_QUARANTINED = "agent-quarantined"
     AGENT_DISABLED = "agent-disabled"
+    TASK_CLOSED = "task-closed"
     SCOPE_MISSING = "scope-missing"
     CONSTRAINT_VIOLATED = "constraint-violated"
     TOOL_UNAPPROVED = "tool-unapproved"

@@ -5,6 +5,13 @@ A token is refused when its own ``jti`` or any ancestor in its delegation chain 
 its task is revoked, or when any agent in its delegation chain has an agent-wide revocation at or
 after the token's ``iat`` (quarantine and disable write one), so revoking a parent revokes its
 children without touching the store for each child.
+
+A *closed* task (``task-closed``: the agent that started it said its work is over, see
+`broker.token_service.TokenService.close_task`) is stored the same way but checked differently:
+its tokens still authenticate, and every request they make is denied ``task-closed`` by
+mediation. The use is then decided, recorded and seen by the detectors (``task-closed-use``,
+whose response escalates: by default the task is revoked, and from then on its tokens get 401),
+where a revoked token would be turned away at the door with nothing on the record to review.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class RevocationKind(StrEnum):
     TOKEN = "token"
     TASK = "task"
     AGENT = "agent"
+    TASK_CLOSED = "task-closed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,10 @@ def _empty_cutoffs() -> Mapping[str, datetime]:
     return MappingProxyType({})
 
 
+def _empty_closes() -> Mapping[str, int]:
+    return MappingProxyType({})
+
+
 def _empty_statuses() -> Mapping[str, AgentStatus]:
     return MappingProxyType({})
 
@@ -86,6 +98,8 @@ class RevocationView:
 
     revoked_jtis: frozenset[str] = frozenset()
     revoked_tasks: frozenset[str] = frozenset()
+    closed_tasks: Mapping[str, int] = field(default_factory=_empty_closes)
+    """Closed task id -> the seq of the revocation that closed it (the first one)."""
     agent_cutoffs: Mapping[str, datetime] = field(default_factory=_empty_cutoffs)
     agent_statuses: Mapping[str, AgentStatus] = field(default_factory=_empty_statuses)
     status_changed_at: Mapping[str, datetime] = field(default_factory=_empty_cutoffs)
@@ -103,6 +117,7 @@ class RevocationView:
         """
         jtis: set[str] = set()
         tasks: set[str] = set()
+        closes: dict[str, int] = {}
         cutoffs: dict[str, datetime] = {}
         seq = self.seq
         for r in revocations:
@@ -112,6 +127,9 @@ class RevocationView:
                 jtis.add(r.subject)
             elif r.kind is RevocationKind.TASK:
                 tasks.add(r.subject)
+            elif r.kind is RevocationKind.TASK_CLOSED:
+                first = closes.get(r.subject) or self.closed_tasks.get(r.subject)
+                closes[r.subject] = r.seq if first is None else min(first, r.seq)
             else:
                 old = cutoffs.get(r.subject) or self.agent_cutoffs.get(r.subject)
                 cutoffs[r.subject] = r.at if old is None else max(old, r.at)
@@ -119,6 +137,9 @@ class RevocationView:
             self,
             revoked_jtis=self.revoked_jtis | jtis if jtis else self.revoked_jtis,
             revoked_tasks=self.revoked_tasks | tasks if tasks else self.revoked_tasks,
+            closed_tasks=(
+                MappingProxyType({**self.closed_tasks, **closes}) if closes else self.closed_tasks
+            ),
             agent_cutoffs=(
                 MappingProxyType({**self.agent_cutoffs, **cutoffs})
                 if cutoffs
@@ -160,7 +181,9 @@ def check_token(
     ``store-unavailable`` when the view is older than ``staleness`` seconds (fail closed);
     ``agent-quarantined`` / ``agent-disabled`` when any agent in the chain is not active;
     ``token-revoked`` when the token, an ancestor or its task is revoked, or any agent in the
-    chain has an agent-wide revocation at or after the token's ``iat``.
+    chain has an agent-wide revocation at or after the token's ``iat``; last, ``task-closed``
+    when its task was closed (a refusal for mediation to record, not for the HTTP door: see the
+    module docstring).
     """
     if view.as_of is None or (now - view.as_of).total_seconds() > staleness:
         return Reason.STORE_UNAVAILABLE
@@ -179,4 +202,6 @@ def check_token(
         cutoff = view.agent_cutoffs.get(agent_id)
         if cutoff is not None and cutoff >= issued:
             return Reason.TOKEN_REVOKED
+    if claims.task.id in view.closed_tasks:
+        return Reason.TASK_CLOSED
     return None

@@ -177,7 +177,7 @@ class TokenBudgetRow(Base):
 class RevocationRow(Base):
     __tablename__ = "revocations"
     __table_args__ = (
-        CheckConstraint("kind IN ('token', 'task', 'agent')", name="kind"),
+        CheckConstraint("kind IN ('token', 'task', 'agent', 'task-closed')", name="kind"),
         Index(None, "kind", "subject"),
         {"sqlite_autoincrement": True},
     )

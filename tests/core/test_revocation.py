@@ -192,3 +192,26 @@ def test_confirming_never_moves_freshness_backwards() -> None:
     view = FRESH.confirmed(NOW - timedelta(seconds=1))
     assert view.as_of == NOW
     assert FRESH.confirmed(NOW + timedelta(seconds=1)).as_of == NOW + timedelta(seconds=1)
+
+
+def test_a_closed_task_is_refused_last_and_remembers_its_first_close() -> None:
+    task = token().task.id
+    closed = FRESH.with_revocations([rev(7, RevocationKind.TASK_CLOSED, task)])
+    assert check(token(), closed) is Reason.TASK_CLOSED
+    assert closed.closed_tasks == {task: 7}
+    # A second close (another replica's, or a retry) keeps the first on record, in any order.
+    again = closed.with_revocations([rev(9, RevocationKind.TASK_CLOSED, task)])
+    assert again.closed_tasks == {task: 7}
+    earlier = FRESH.with_revocations(
+        [rev(9, RevocationKind.TASK_CLOSED, task), rev(7, RevocationKind.TASK_CLOSED, task)]
+    )
+    assert earlier.closed_tasks == {task: 7}
+    # Revoked or quarantined wins over closed: those are refused at the door.
+    revoked = closed.with_revocations([rev(8, RevocationKind.TASK, task)])
+    assert check(token(), revoked) is Reason.TOKEN_REVOKED
+    assert check(token(), closed.with_statuses([("agent-a", AgentStatus.QUARANTINED, NOW)])) is (
+        Reason.AGENT_QUARANTINED
+    )
+    # Another task of the same agent is untouched.
+    other = token(task={"id": "task-2"})
+    assert check(other, closed) is None

@@ -17,7 +17,7 @@ async def test_migrate_creates_every_table_and_a_second_run_changes_nothing(
         await store.migrate()
         first = await store.schema_revision()
         await store.migrate()
-        assert await store.schema_revision() == first == "0003"
+        assert await store.schema_revision() == first == "0004"
         async with store._engine.connect() as conn:  # pyright: ignore[reportPrivateUsage]
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert set(Base.metadata.tables) | {"alembic_version"} == tables

@@ -80,11 +80,12 @@ async def test_revocations_since_returns_newer_ones_oldest_first(store: SqlStore
             (RevocationKind.TOKEN, "j1"),
             (RevocationKind.TASK, "t1"),
             (RevocationKind.AGENT, "ag_a"),
+            (RevocationKind.TASK_CLOSED, "t2"),
         ]
     ]
     seqs = [r.seq for r in made]
     assert seqs == sorted(seqs)
-    assert len(set(seqs)) == 3
+    assert len(set(seqs)) == 4
     assert await store.revocations_since(0) == made
     assert await store.revocations_since(seqs[0]) == made[1:]
     assert await store.revocations_since(seqs[-1]) == []
