@@ -19,6 +19,12 @@ Credentials come from the environment only (`ShimSettings.from_environ`). `TaskT
 obtains a task token with client credentials before the relay starts, renews it before it
 expires, and on a 401 renews once and retries. Tokens and secrets are never logged; stdout
 carries only MCP.
+
+One shim run is one task. When the client ends the relay (EOF on stdin), the shim closes its
+task at the broker (``/oauth/revoke`` with ``close_task=true``), within `CLOSE_TIMEOUT`, so a
+token of it that leaked is refused and its use recorded from then on. A failed close is logged
+and the shim still exits cleanly: the tokens expire on their own. A relay that ends in an error
+leaves the task open (the client may not be done).
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ _META_VERSION = "io.modelcontextprotocol/protocolVersion"
 _RENEW_MARGIN = 60.0
 """Seconds before expiry a token is renewed (at most a quarter of its lifetime)."""
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+CLOSE_TIMEOUT = 1.5
+"""Seconds the shim spends closing its task on exit (an MCP client waits 2 s for it to exit)."""
 
 
 class ShimError(Exception):
@@ -102,6 +110,10 @@ class ShimSettings:
     @property
     def token_url(self) -> str:
         return f"{self.broker_url}/oauth/token"
+
+    @property
+    def revoke_url(self) -> str:
+        return f"{self.broker_url}/oauth/revoke"
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> ShimSettings:
@@ -207,6 +219,27 @@ class TokenClient:
         logger.info("task token obtained", extra={"task_id": self.task_id, "ttl": expires_in})
         return TaskToken(token, renew_at=started + expires_in - margin)
 
+    async def close_task(self, token: str) -> bool:
+        """Close this run's task with ``token`` (one of its tokens); True when the broker did.
+
+        Never raises: the outcome is logged (without the token).
+        """
+        s = self.settings
+        form = {"token": token, "close_task": "true"}
+        try:
+            response = await self.http.post(
+                s.revoke_url, data=form, auth=httpx2.BasicAuth(s.client_id, s.client_secret)
+            )
+        except httpx2.HTTPError as exc:
+            logger.warning("closing the task failed: %s", type(exc).__name__)
+            return False
+        if response.status_code != 200:
+            error = _json_object(response).get("error", f"HTTP {response.status_code}")
+            logger.warning("closing the task failed: %s", error)
+            return False
+        logger.info("task closed", extra={"task_id": self.task_id})
+        return True
+
 
 def _json_object(response: httpx2.Response) -> dict[str, Any]:
     try:
@@ -234,6 +267,12 @@ class TaskTokenAuth(httpx2.Auth):
     async def start(self) -> None:
         """Obtain the first token (errors propagate: the shim cannot start without one)."""
         self._token = await self.tokens.fetch()
+
+    async def close_task(self) -> bool:
+        """Close the task with the token held (see `TokenClient.close_task`)."""
+        if self._token is None:
+            return False
+        return await self.tokens.close_task(self._token.value)
 
     async def _current(self, *, stale: TaskToken | None = None) -> TaskToken | None:
         async with self._lock:
@@ -379,7 +418,8 @@ async def run_shim(
     stdio: Callable[[], Any] = stdio_server,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Obtain a first token, then relay the process's stdin/stdout to the broker until EOF.
+    """Obtain a first token, relay the process's stdin/stdout to the broker until EOF, then
+    close the task.
 
     Raises:
         ShimConfigError, CredentialsRefused, BrokerUnreachable: before any MCP is relayed.
@@ -394,3 +434,7 @@ async def run_shim(
             stdio() as (client_in, client_out),
         ):
             await relay(client_in, client_out, broker_in, broker_out)
+            # Ends stdio's writer, so the shim exits on its own rather than being terminated.
+            await client_out.aclose()
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            await auth.close_task()

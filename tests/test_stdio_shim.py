@@ -24,6 +24,7 @@ from mcp.client.subscriptions import ToolsListChanged
 from mcp.shared.message import ClientMessageMetadata, SessionMessage
 
 from broker.config import ConnectorConfig
+from broker.core.revocation import RevocationKind
 from broker.stdio_shim import (
     CredentialsRefused,
     EraHeaders,
@@ -129,6 +130,13 @@ async def test_a_client_lists_and_calls_tools_through_the_stdio_shim(
                 names = [t.name for t in (await client.list_tools()).tools]
                 echoed = await client.call_tool("demo__echo", {"text": "through stdio"})
                 counted = await client.call_tool("demo__word_count", {"text": "a b c"})
+        # The client is done: the shim closed its task on the way out.
+        closes = await broker.services.store.revocations_since(0)
+        (issued,) = await broker.services.store.list_tokens(agent_id=agent.id)
+    assert [(r.kind, r.subject, r.actor) for r in closes] == [
+        (RevocationKind.TASK_CLOSED, issued.task_id, f"agent:{agent.id}")
+    ]
+    assert issued.task_id.startswith("stdio-")
     assert version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
     assert names == ["demo__add", "demo__echo", "demo__word_count"]
     assert text_of(echoed) == "through stdio"
