@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 
+from broker.core.revocation import RevocationKind
 from broker.templates import EXAMPLE_SCOPES
 from broker.testing import DEMO, served_broker
 
@@ -55,13 +56,15 @@ async def test_the_task_agent_gets_a_narrow_token_for_its_purpose_and_calls_insi
             env,
         )
         [issued] = await broker.services.store.list_tokens(agent_id=agent.id)
-        given_back = await broker.services.store.revocations_since(0)
+        closed = await broker.services.store.revocations_since(0)
     assert code == 0, out + err
-    assert [(r.subject, r.actor) for r in given_back] == [(issued.jti, f"agent:{agent.id}")]
+    assert [(r.kind, r.subject, r.actor) for r in closed] == [
+        (RevocationKind.TASK_CLOSED, "tsk_greeting", f"agent:{agent.id}")
+    ]
     assert "task tsk_greeting: token for 'demo:echo'" in out
     assert "reachable tools: demo__echo\n" in out
     assert "demo__echo -> hello, narrowly" in out
-    assert "task tsk_greeting: done, token revoked" in out
+    assert "task tsk_greeting: done, task closed" in out
     assert (issued.scopes, issued.task_id, issued.purpose) == (
         ("demo:echo",),
         "tsk_greeting",

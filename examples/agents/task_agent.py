@@ -6,7 +6,8 @@ a tool outside them is refused here, before any request is made. When a scope ne
 approval for the token (``approval = "token"``), the broker answers ``authorization_pending``
 with an ``auth_req_id``; the agent repeats its request with that id every ``interval`` seconds
 until an approver runs ``broker approvals approve ID`` (or denies it, or it expires). When the
-task is done it gives the token back (``POST /oauth/revoke``) instead of leaving it live.
+task is done it closes the task (``POST /oauth/revoke`` with ``close_task=true``) instead of
+leaving its token live: a later use of it is then refused and shows up in the record.
 
     BROKER_URL=http://127.0.0.1:8765 BROKER_CLIENT_ID=agt_... BROKER_CLIENT_SECRET=... \\
         python examples/agents/task_agent.py --scope demo:echo \\
@@ -108,17 +109,17 @@ async def run(
         result = await client.call_tool(tool, arguments)
     text = " ".join(c.text for c in result.content if c.type == "text")
     print(f"{tool} -> {'error: ' if result.is_error else ''}{text}")
-    await give_back(base_url, (client_id, secret), granted["access_token"])
-    print(f"task {task}: done, token revoked")
+    await close_task(base_url, (client_id, secret), granted["access_token"])
+    print(f"task {task}: done, task closed")
     return 1 if result.is_error else 0
 
 
-async def give_back(base_url: str, auth: tuple[str, str], token: str) -> None:
-    """The task is over: revoke its token (RFC 7009) rather than leave it live until it expires."""
+async def close_task(base_url: str, auth: tuple[str, str], token: str) -> None:
+    """The work is over: close the task of ``token`` rather than leave it live until it expires."""
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(30.0)) as http:
         response = await http.post(
             f"{base_url}/oauth/revoke",
-            data={"token": token, "token_type_hint": "access_token"},
+            data={"token": token, "close_task": "true"},
             auth=auth,
         )
     response.raise_for_status()
