@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from mcp import Client
 
@@ -24,6 +23,7 @@ from broker.core.identity import AgentStatus
 from connectors import ToolError, ToolSet
 from tests.scenarios.corpus import ATTACKS, BENIGN, CORPUS_CONFIG, Call, CloseTask, Script
 from tests.test_quarantine_e2e import detector_broker, mcp_session, text
+from tests.test_task_close_e2e import close
 
 CONTENT: dict[str, str] = {}
 # Egress calls that reached the (native) downstream tools, to prove a stopped call was not sent.
@@ -250,18 +250,6 @@ def broker_details(
     return out
 
 
-async def close_task(
-    broker: Any, token: str, agent_id: str, secrets: dict[str, str]
-) -> httpx2.Response:
-    name = (await broker.services.store.get_agent(agent_id)).name
-    async with httpx2.AsyncClient(timeout=10) as http:
-        return await http.post(
-            f"{broker.url}/oauth/revoke",
-            data={"token": token, "close_task": "true"},
-            auth=(agent_id, secrets[name]),
-        )
-
-
 def _content(step: Call) -> str | None:
     """What the files tool returns for this step's path: its secrets, or its size (scaled)."""
     if step.secrets:
@@ -322,7 +310,8 @@ async def replay(tmp_path: Path, script: Script) -> Replay:
             if isinstance(step, CloseTask):
                 # The agent ends its task at the revocation endpoint (``close_task=true``).
                 for t in {t.agent: t for t in script.tokens if t.task == step.task}.values():
-                    closed = await close_task(broker, tokens[t.alias], agents[t.agent], secrets)
+                    client = (agents[t.agent], secrets[t.agent])
+                    closed = await close(broker, tokens[t.alias], client)
                     assert closed.status_code == 200, closed.text
                 continue
             key = (step.token, step.client)

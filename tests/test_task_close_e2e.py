@@ -37,6 +37,23 @@ async def close(
         )
 
 
+async def task_token(broker: ServedBroker, client: tuple[str, str], task: str) -> str:
+    """A client-credentials token for ``task``, as the agent ``client`` asks for it."""
+    form = {"grant_type": "client_credentials", "scope": "slow:use", "task": task}
+    response = await token_request(broker, client, form)
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
+
+
+def exchange_form(token: str, actor: str) -> dict[str, str]:
+    return {
+        "grant_type": EXCHANGE,
+        "subject_token": token,
+        "subject_token_type": ACCESS,
+        "actor": actor,
+    }
+
+
 async def test_a_closed_task_denies_and_records_every_later_call_and_is_then_revoked(
     tmp_path: Path,
 ) -> None:
@@ -101,7 +118,8 @@ async def test_a_closed_task_denies_and_records_every_later_call_and_is_then_rev
         assert DetectorId.TASK_CLOSED_USE.value in str(payload)
         assert f"revocation:{closing.seq}" in str(payload)
 
-        # A closed task is never reopened, nor can its tokens be exchanged.
+        # A closed task is never reopened.
+        form = {"grant_type": "client_credentials", "scope": "slow:use", "task": "report-7"}
         reopened = await token_request(broker, (agent.id, secret), form)
         assert reopened.status_code == 400
         assert reopened.json()["error_description"] == "this task is closed: name a new task"
@@ -113,8 +131,7 @@ async def test_closing_needs_a_live_token_of_ones_own_task_and_happens_once(
     async with detector_broker(tmp_path) as broker:
         agent, secret = await broker.add_agent("worker", ["slow:use"])
         stranger, s_secret = await broker.add_agent("stranger", ["slow:use"])
-        form = {"grant_type": "client_credentials", "scope": "slow:use", "task": "t-1"}
-        token = (await token_request(broker, (agent.id, secret), form)).json()["access_token"]
+        token = await task_token(broker, (agent.id, secret), "t-1")
 
         foreign = await close(broker, token, (stranger.id, s_secret))
         assert foreign.json()["error"] == "unauthorized_client"
@@ -130,8 +147,14 @@ async def test_closing_needs_a_live_token_of_ones_own_task_and_happens_once(
         assert (await close(broker, token, (agent.id, secret))).status_code == 200
         closes = await broker.services.store.revocations_since(0)
         assert [(r.kind, r.subject) for r in closes] == [(RevocationKind.TASK_CLOSED, "t-1")]
-        # Closed, not revoked: the token still opens a session, so its use can be recorded.
+        # Closed, not revoked: the token still opens a session, so its use can be recorded;
+        # but it cannot be exchanged for a sub-agent's token.
         assert await mcp_status(broker, token) == 200
+        exchanged = await token_request(
+            broker, (agent.id, secret), exchange_form(token, stranger.id)
+        )
+        assert exchanged.status_code == 400
+        assert exchanged.json()["error"] == "invalid_grant"
         with anyio.fail_after(20):
             async with mcp_session(broker, token) as session:
                 listed = await session.list_tools()
