@@ -744,6 +744,13 @@ async def test_revoking_a_task_or_an_agent_refuses_their_tokens(
         await broker.service.revoke_task("t-1", reason="done", actor="test")
         assert await broker.mcp_status(by_task) == 401
         assert await broker.mcp_status(other_task) == 200
+        # A revoked task is over: no new token of it is issued.
+        again = await broker.post_token(
+            {"grant_type": "client_credentials", "scope": "files:read", "task": "t-1"},
+            client=(agent.id, secret),
+        )
+        assert again.status_code == 400
+        assert again.json()["error_description"] == "this task is revoked: name a new task"
         await broker.service.revoke_agent("bot", reason="rotate", actor="test")
         assert await broker.mcp_status(other_task) == 401
 
