@@ -14,6 +14,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 import httpx2
@@ -385,8 +386,15 @@ class FakeBroker:
         self.seen: list[str | None] = []
         self.refuse = refuse
         self.revoked: set[str] = set()
+        self.closes: list[dict[str, str]] = []
+        self.close_answer = 200
 
     def handle(self, request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/oauth/revoke":
+            self.closes.append(dict(parse_qsl(request.content.decode())))
+            if self.close_answer != 200:
+                return httpx2.Response(self.close_answer, json={"error": "invalid_grant"})
+            return httpx2.Response(200)
         if request.url.path == "/oauth/token":
             if self.refuse:
                 body = {
@@ -449,6 +457,18 @@ async def test_a_401_renews_once_and_retries_once() -> None:
     assert ok.status_code == 200
     assert refused.status_code == 401
     assert fake.seen == ["Bearer tok-0", "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"]
+
+
+async def test_closing_the_task_sends_the_held_token_and_a_refusal_never_raises() -> None:
+    fake = FakeBroker()
+    auth, http = auth_for(fake, Clock())
+    async with http:
+        assert await auth.close_task() is False  # no token yet: nothing to close with
+        await auth.start()
+        assert await auth.close_task() is True
+        fake.close_answer = 400
+        assert await auth.close_task() is False
+    assert fake.closes == [{"token": "tok-0", "close_task": "true"}] * 2
 
 
 async def test_refused_credentials_name_the_oauth_error_and_not_the_secret() -> None:

@@ -60,21 +60,10 @@ async def test_a_closed_task_denies_and_records_every_later_call_and_is_then_rev
     async with detector_broker(tmp_path) as broker:
         agent, secret = await broker.add_agent("worker", ["slow:use"])
         helper, helper_secret = await broker.add_agent("helper", ["slow:use"])
-        form = {"grant_type": "client_credentials", "scope": "slow:use", "task": "report-7"}
-        first = (await token_request(broker, (agent.id, secret), form)).json()["access_token"]
-        renewed = (await token_request(broker, (agent.id, secret), form)).json()["access_token"]
-        other_form = {**form, "task": "report-8"}
-        other = (await token_request(broker, (agent.id, secret), other_form)).json()["access_token"]
-        exchanged = await token_request(
-            broker,
-            (agent.id, secret),
-            {
-                "grant_type": EXCHANGE,
-                "subject_token": first,
-                "subject_token_type": ACCESS,
-                "actor": helper.id,
-            },
-        )
+        first = await task_token(broker, (agent.id, secret), "report-7")
+        renewed = await task_token(broker, (agent.id, secret), "report-7")
+        other = await task_token(broker, (agent.id, secret), "report-8")
+        exchanged = await token_request(broker, (agent.id, secret), exchange_form(first, helper.id))
         child = exchanged.json()["access_token"]
 
         with anyio.fail_after(30):
